@@ -91,3 +91,6 @@ pub fn open_store(backing: Backing, choice: EngineChoice) -> io::Result<SharedSt
         },
     }
 }
+
+#[cfg(test)]
+mod tests;
