@@ -60,12 +60,14 @@ workloads=(
 )
 
 run_fio() { # target-args... ; prints "iops mibps"
-  fio --output-format=json --time_based --runtime="$runtime" --ramp_time=1 --numjobs=1 \
-      --name=b "$@" | python3 -c '
+  # fio's nbd engine prints to stdout, so the JSON goes to a file.
+  fio --output-format=json --output="$work/fio.json" --time_based --runtime="$runtime" \
+      --ramp_time=1 --numjobs=1 --name=b "$@" >/dev/null
+  python3 -c '
 import json, sys
-j = json.load(sys.stdin)["jobs"][0]
+j = json.load(open(sys.argv[1]))["jobs"][0]
 d = j["write"] if j["write"]["io_bytes"] else j["read"]
-print(round(d["iops"]), round(d["bw_bytes"] / 1048576, 1))'
+print(round(d["iops"]), round(d["bw_bytes"] / 1048576, 1))' "$work/fio.json"
 }
 
 median() { python3 -c 'import sys, statistics; v=[float(x) for x in sys.argv[1:]]; print(statistics.median(v))' "$@"; }
