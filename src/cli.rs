@@ -17,7 +17,11 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "tandem", version, about = "A DRBD-style replicated block device exported over NBD")]
+#[command(
+    name = "tandem",
+    version,
+    about = "A DRBD-style replicated block device exported over NBD"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -76,7 +80,10 @@ impl From<Engine> for EngineChoice {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tandem: cannot start the runtime: {e}");
@@ -96,10 +103,14 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    let opts = BackingOptions { size: args.size, read_only: args.read_only, direct: args.direct };
+    let opts = BackingOptions {
+        size: args.size,
+        read_only: args.read_only,
+        direct: args.direct,
+    };
     let backing = store::open_backing(&args.disk, &opts).map_err(|e| e.to_string())?;
-    let mut store: SharedStore =
-        store::open_store(backing, args.engine.into()).map_err(|e| format!("{}: {e}", args.disk.display()))?;
+    let mut store: SharedStore = store::open_store(backing, args.engine.into())
+        .map_err(|e| format!("{}: {e}", args.disk.display()))?;
     if !args.fault.is_empty() {
         tracing::warn!("fault injection active: {:?}", args.fault);
         store = std::sync::Arc::new(FaultStore::new(store, args.fault));

@@ -9,16 +9,23 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     if num.is_empty() {
         return Err(format!("{s:?} is not a size (examples: 4096, 64K, 10G)"));
     }
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: number too large"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: number too large"))?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
-        other => return Err(format!("{s:?}: unknown size suffix {other:?} (use K, M, G or T)")),
+        other => {
+            return Err(format!(
+                "{s:?}: unknown size suffix {other:?} (use K, M, G or T)"
+            ))
+        }
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} overflows 64 bits"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} overflows 64 bits"))
 }
 
 #[cfg(test)]

@@ -37,11 +37,15 @@ const ENOSPC: i64 = 28;
 fn exec_in(cwd: Option<&Path>, program: &str, args: &[&str]) -> Output {
     let limit = CLIENT_TIMEOUT_S.to_string();
     let mut cmd = Command::new("timeout");
-    cmd.args(["-k", "5", &limit, program]).args(args).env("PATH", PATH_ENV).stdin(Stdio::null());
+    cmd.args(["-k", "5", &limit, program])
+        .args(args)
+        .env("PATH", PATH_ENV)
+        .stdin(Stdio::null());
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 fn exec(program: &str, args: &[&str]) -> Output {
@@ -52,7 +56,11 @@ fn describe(program: &str, args: &[&str], out: &Output) -> String {
     format!(
         "{program} {args:?} -> {}{}\nstdout:\n{}\nstderr:\n{}",
         out.status,
-        if out.status.code() == Some(124) { " (TIMED OUT)" } else { "" },
+        if out.status.code() == Some(124) {
+            " (TIMED OUT)"
+        } else {
+            ""
+        },
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
@@ -61,12 +69,20 @@ fn describe(program: &str, args: &[&str], out: &Output) -> String {
 /// Run and require exit status 0; returns stdout.
 fn exec_ok(program: &str, args: &[&str]) -> String {
     let out = exec(program, args);
-    assert!(out.status.success(), "command failed: {}", describe(program, args, &out));
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        describe(program, args, &out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn stdout_stderr(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Python prelude for nbdsh scripts: `err(f)` returns 0 or the errno of an `nbd.Error`;
@@ -114,11 +130,14 @@ fn kv(stdout: &str) -> HashMap<String, String> {
 }
 
 fn kv_get<'a>(m: &'a HashMap<String, String>, k: &str) -> &'a str {
-    m.get(k).unwrap_or_else(|| panic!("script did not report {k:?}; got {m:?}"))
+    m.get(k)
+        .unwrap_or_else(|| panic!("script did not report {k:?}; got {m:?}"))
 }
 
 fn kv_errno(m: &HashMap<String, String>, k: &str) -> i64 {
-    kv_get(m, k).parse().unwrap_or_else(|_| panic!("{k} is not a number: {m:?}"))
+    kv_get(m, k)
+        .parse()
+        .unwrap_or_else(|_| panic!("{k} is not a number: {m:?}"))
 }
 
 fn read_host(path: &Path, offset: u64, len: usize) -> Vec<u8> {
@@ -331,12 +350,21 @@ fn json_value(b: &[u8], i: &mut usize) -> Json {
         }
         _ => {
             let start = *i;
-            while *i < b.len() && (b[*i] == b'-' || b[*i] == b'+' || b[*i] == b'.'
-                || b[*i] == b'e' || b[*i] == b'E' || b[*i].is_ascii_digit())
+            while *i < b.len()
+                && (b[*i] == b'-'
+                    || b[*i] == b'+'
+                    || b[*i] == b'.'
+                    || b[*i] == b'e'
+                    || b[*i] == b'E'
+                    || b[*i].is_ascii_digit())
             {
                 *i += 1;
             }
-            assert!(*i > start, "bad JSON at byte {start}: {:?}", String::from_utf8_lossy(&b[start..]));
+            assert!(
+                *i > start,
+                "bad JSON at byte {start}: {:?}",
+                String::from_utf8_lossy(&b[start..])
+            );
             Json::Num(String::from_utf8_lossy(&b[start..*i]).into_owned())
         }
     }
@@ -387,24 +415,70 @@ fn qemu_io_session(server: &Server) {
     }
     let out = exec("qemu-io", &args);
     let text = stdout_stderr(&out);
-    assert!(out.status.success(), "qemu-io session failed: {}", describe("qemu-io", &args, &out));
-    assert!(!text.contains("verification failed"), "pattern verification failed:\n{text}");
-    assert!(!text.contains("failed"), "a qemu-io command failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "qemu-io session failed: {}",
+        describe("qemu-io", &args, &out)
+    );
+    assert!(
+        !text.contains("verification failed"),
+        "pattern verification failed:\n{text}"
+    );
+    assert!(
+        !text.contains("failed"),
+        "a qemu-io command failed:\n{text}"
+    );
     // qemu-io prints one "wrote"/"read" line per completed request.
     let count = |p: &str| text.lines().filter(|l| l.starts_with(p)).count();
     assert_eq!(count("wrote "), 10, "expected 10 completed writes:\n{text}");
     assert_eq!(count("read "), 11, "expected 11 completed reads:\n{text}");
-    assert_eq!(count("discard "), 1, "expected 1 completed discard:\n{text}");
+    assert_eq!(
+        count("discard "),
+        1,
+        "expected 1 completed discard:\n{text}"
+    );
 
     // And the data is in the disk file on the host.
-    assert_same("host 0..1M", &read_host(&server.disk, 0, MIB as usize), &vec![0xab; MIB as usize]);
-    assert_same("host 2M (zeroed)", &read_host(&server.disk, 2 * MIB, MIB as usize), &vec![0; MIB as usize]);
-    assert_same("host 4M (FUA)", &read_host(&server.disk, 4 * MIB, 65536), &vec![0xcd; 65536]);
-    assert_same("host 6M (zeroed)", &read_host(&server.disk, 6 * MIB, MIB as usize), &vec![0; MIB as usize]);
-    assert_same("host 8M (trimmed)", &read_host(&server.disk, 8 * MIB, MIB as usize), &vec![0; MIB as usize]);
-    assert_same("host 10M", &read_host(&server.disk, 10 * MIB, 65536), &vec![0x11; 65536]);
-    assert_same("host 11M", &read_host(&server.disk, 11 * MIB, 65536), &vec![0x22; 65536]);
-    assert_same("host 12M+1", &read_host(&server.disk, 12 * MIB + 1, 511), &vec![0x77; 511]);
+    assert_same(
+        "host 0..1M",
+        &read_host(&server.disk, 0, MIB as usize),
+        &vec![0xab; MIB as usize],
+    );
+    assert_same(
+        "host 2M (zeroed)",
+        &read_host(&server.disk, 2 * MIB, MIB as usize),
+        &vec![0; MIB as usize],
+    );
+    assert_same(
+        "host 4M (FUA)",
+        &read_host(&server.disk, 4 * MIB, 65536),
+        &vec![0xcd; 65536],
+    );
+    assert_same(
+        "host 6M (zeroed)",
+        &read_host(&server.disk, 6 * MIB, MIB as usize),
+        &vec![0; MIB as usize],
+    );
+    assert_same(
+        "host 8M (trimmed)",
+        &read_host(&server.disk, 8 * MIB, MIB as usize),
+        &vec![0; MIB as usize],
+    );
+    assert_same(
+        "host 10M",
+        &read_host(&server.disk, 10 * MIB, 65536),
+        &vec![0x11; 65536],
+    );
+    assert_same(
+        "host 11M",
+        &read_host(&server.disk, 11 * MIB, 65536),
+        &vec![0x22; 65536],
+    );
+    assert_same(
+        "host 12M+1",
+        &read_host(&server.disk, 12 * MIB + 1, 511),
+        &vec![0x77; 511],
+    );
 }
 
 #[test]
@@ -416,13 +490,28 @@ fn qemu_io_pattern_session_unix() {
 
 #[test]
 fn qemu_io_pattern_session_tcp_named_export() {
-    let mut server = Server::start(ServerOpts { export: "disk", tcp: true, ..Default::default() });
-    assert!(server.qemu_target().starts_with("nbd://127.0.0.1:"), "{}", server.qemu_target());
-    assert!(server.qemu_target().ends_with("/disk"), "{}", server.qemu_target());
+    let mut server = Server::start(ServerOpts {
+        export: "disk",
+        tcp: true,
+        ..Default::default()
+    });
+    assert!(
+        server.qemu_target().starts_with("nbd://127.0.0.1:"),
+        "{}",
+        server.qemu_target()
+    );
+    assert!(
+        server.qemu_target().ends_with("/disk"),
+        "{}",
+        server.qemu_target()
+    );
     qemu_io_session(&server);
     // The empty (default) export name reaches the named export too.
     let default_uri = format!("nbd://{}/", server.listen);
-    let out = exec_ok("qemu-io", &["-f", "raw", &default_uri, "-c", "read -P 0xcd 4M 64k"]);
+    let out = exec_ok(
+        "qemu-io",
+        &["-f", "raw", &default_uri, "-c", "read -P 0xcd 4M 64k"],
+    );
     assert!(out.contains("read 65536/65536"), "{out}");
     assert!(server.alive(), "server died during the qemu-io session");
 }
@@ -434,7 +523,10 @@ fn qemu_io_pattern_session_tcp_named_export() {
 #[test]
 fn nbdcopy_round_trip_and_qemu_img_compare() {
     let size = 32 * MIB;
-    let mut server = Server::start(ServerOpts { size, ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        size,
+        ..Default::default()
+    });
     let uri = server.uri();
     let dir = server.dir.path().to_path_buf();
     let src = dir.join("src.img");
@@ -446,11 +538,22 @@ fn nbdcopy_round_trip_and_qemu_img_compare() {
     exec_ok("nbdcopy", &["--flush", src_s, &uri]);
     exec_ok("nbdcopy", &[&uri, dst_s]);
     assert_same("nbdcopy round trip", &std::fs::read(&dst).unwrap(), &data);
-    assert_same("server disk file after nbdcopy", &std::fs::read(&server.disk).unwrap(), &data);
+    assert_same(
+        "server disk file after nbdcopy",
+        &std::fs::read(&server.disk).unwrap(),
+        &data,
+    );
 
-    let out = exec("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]);
-    assert_eq!(out.status.code(), Some(0), "qemu-img compare should find identical images: {}",
-        describe("qemu-img", &["compare"], &out));
+    let out = exec(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src_s, &uri],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img compare should find identical images: {}",
+        describe("qemu-img", &["compare"], &out)
+    );
 
     // Change one byte through NBD: compare must now report a difference (exit 1).
     let off: u64 = 17 * MIB + 12345;
@@ -458,24 +561,67 @@ fn nbdcopy_round_trip_and_qemu_img_compare() {
     let cmd = format!("write -P {newbyte:#x} {off} 1");
     let out = exec_ok("qemu-io", &["-f", "raw", &server.qemu_target(), "-c", &cmd]);
     assert!(out.contains("wrote 1/1"), "{out}");
-    let out = exec("qemu-img", &["compare", "-f", "raw", "-F", "raw", src_s, &uri]);
-    assert_eq!(out.status.code(), Some(1), "qemu-img compare must find the changed byte: {}",
-        describe("qemu-img", &["compare"], &out));
+    let out = exec(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src_s, &uri],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "qemu-img compare must find the changed byte: {}",
+        describe("qemu-img", &["compare"], &out)
+    );
     let text = stdout_stderr(&out);
     // qemu-img compare works in 512-byte sectors and reports the start of the sector.
     let sector = off & !511;
-    assert!(text.contains(&format!("offset {sector}")), "mismatch should be reported at {sector}:\n{text}");
+    assert!(
+        text.contains(&format!("offset {sector}")),
+        "mismatch should be reported at {sector}:\n{text}"
+    );
 
     // Single connection, synchronous: copy a different image in, read it back.
     let data2 = pattern(size as usize, 0x5eed_0002);
     let src2 = dir.join("src2.img");
     let dst2 = dir.join("dst2.img");
     std::fs::write(&src2, &data2).unwrap();
-    exec_ok("nbdcopy", &["-C", "1", "--synchronous", "--flush", src2.to_str().unwrap(), &uri]);
-    exec_ok("nbdcopy", &["-C", "1", "--synchronous", &uri, dst2.to_str().unwrap()]);
-    assert_same("nbdcopy -C 1 --synchronous round trip", &std::fs::read(&dst2).unwrap(), &data2);
-    let out = exec("qemu-img", &["compare", "-f", "raw", "-F", "raw", src2.to_str().unwrap(), &uri]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe("qemu-img", &["compare"], &out));
+    exec_ok(
+        "nbdcopy",
+        &[
+            "-C",
+            "1",
+            "--synchronous",
+            "--flush",
+            src2.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    exec_ok(
+        "nbdcopy",
+        &["-C", "1", "--synchronous", &uri, dst2.to_str().unwrap()],
+    );
+    assert_same(
+        "nbdcopy -C 1 --synchronous round trip",
+        &std::fs::read(&dst2).unwrap(),
+        &data2,
+    );
+    let out = exec(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src2.to_str().unwrap(),
+            &uri,
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        describe("qemu-img", &["compare"], &out)
+    );
     assert!(server.alive());
 }
 
@@ -485,7 +631,10 @@ fn nbdcopy_round_trip_and_qemu_img_compare() {
 
 #[test]
 fn nbdinfo_list_and_export_details() {
-    let mut server = Server::start(ServerOpts { export: "disk", ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        export: "disk",
+        ..Default::default()
+    });
     let uri = server.uri();
 
     let list = Json::parse(&exec_ok("nbdinfo", &["--list", "--json", &uri]));
@@ -494,17 +643,33 @@ fn nbdinfo_list_and_export_details() {
         .iter()
         .find(|e| e.get("export-name").str() == "disk")
         .unwrap_or_else(|| panic!("export \"disk\" not listed: {list:?}"));
-    assert!(e.has("description"), "listed export has no description: {e:?}");
-    assert!(!e.get("description").str().is_empty(), "empty description: {e:?}");
+    assert!(
+        e.has("description"),
+        "listed export has no description: {e:?}"
+    );
+    assert!(
+        !e.get("description").str().is_empty(),
+        "empty description: {e:?}"
+    );
     assert_eq!(e.get("export-size").u64(), 64 * MIB);
 
     let info = Json::parse(&exec_ok("nbdinfo", &["--json", &uri]));
     assert_eq!(info.get("protocol").str(), "newstyle-fixed");
-    assert!(info.get("structured").bool(), "structured replies not negotiated: {info:?}");
+    assert!(
+        info.get("structured").bool(),
+        "structured replies not negotiated: {info:?}"
+    );
     let e = &info.get("exports").arr()[0];
     assert_eq!(e.get("export-name").str(), "disk");
     assert_eq!(e.get("export-size").u64(), 64 * MIB);
-    for k in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache"] {
+    for k in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+        "can_cache",
+    ] {
         assert!(e.get(k).bool(), "{k} should be true: {e:?}");
     }
     assert!(!e.get("is_read_only").bool(), "{e:?}");
@@ -512,16 +677,40 @@ fn nbdinfo_list_and_export_details() {
     assert_eq!(e.get("block_size_preferred").u64(), 4096, "{e:?}");
     assert_eq!(e.get("block_size_maximum").u64(), 33554432, "{e:?}");
     let contexts: Vec<&str> = e.get("contexts").arr().iter().map(Json::str).collect();
-    assert!(contexts.contains(&"base:allocation"), "contexts: {contexts:?}");
+    assert!(
+        contexts.contains(&"base:allocation"),
+        "contexts: {contexts:?}"
+    );
 
     // The exit-code interface agrees (0 = true, 2 = false).
-    for can in ["flush", "fua", "trim", "zero", "multi-conn", "cache", "structured-reply"] {
+    for can in [
+        "flush",
+        "fua",
+        "trim",
+        "zero",
+        "multi-conn",
+        "cache",
+        "structured-reply",
+    ] {
         let out = exec("nbdinfo", &["--can", can, &uri]);
-        assert_eq!(out.status.code(), Some(0), "nbdinfo --can {can}: {}", describe("nbdinfo", &[], &out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "nbdinfo --can {can}: {}",
+            describe("nbdinfo", &[], &out)
+        );
     }
     let out = exec("nbdinfo", &["--is", "read-only", &uri]);
-    assert_eq!(out.status.code(), Some(2), "nbdinfo --is read-only: {}", describe("nbdinfo", &[], &out));
-    assert_eq!(exec_ok("nbdinfo", &["--size", &uri]).trim(), (64 * MIB).to_string());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "nbdinfo --is read-only: {}",
+        describe("nbdinfo", &[], &out)
+    );
+    assert_eq!(
+        exec_ok("nbdinfo", &["--size", &uri]).trim(),
+        (64 * MIB).to_string()
+    );
     assert!(server.alive());
 }
 
@@ -532,15 +721,27 @@ fn nbdinfo_read_only_export() {
     let mut server = Server::start_on(
         dir,
         disk,
-        ServerOpts { size: 16 * MIB, extra: &["--read-only"], ..Default::default() },
+        ServerOpts {
+            size: 16 * MIB,
+            extra: &["--read-only"],
+            ..Default::default()
+        },
     );
     let uri = server.uri();
     let info = Json::parse(&exec_ok("nbdinfo", &["--json", &uri]));
     let e = &info.get("exports").arr()[0];
-    assert!(e.get("is_read_only").bool(), "is_read_only should be true: {e:?}");
+    assert!(
+        e.get("is_read_only").bool(),
+        "is_read_only should be true: {e:?}"
+    );
     assert_eq!(e.get("export-size").u64(), 16 * MIB);
     let out = exec("nbdinfo", &["--is", "read-only", &uri]);
-    assert_eq!(out.status.code(), Some(0), "nbdinfo --is read-only: {}", describe("nbdinfo", &[], &out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "nbdinfo --is read-only: {}",
+        describe("nbdinfo", &[], &out)
+    );
     assert!(server.alive());
 }
 
@@ -548,7 +749,16 @@ fn nbdinfo_read_only_export() {
 fn nbdinfo_map_and_qemu_img_map() {
     let mut server = Server::start(ServerOpts::default());
     let uri = server.uri();
-    let out = exec_ok("qemu-io", &["-f", "raw", &server.qemu_target(), "-c", "write -P 0xab 4M 64k"]);
+    let out = exec_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &server.qemu_target(),
+            "-c",
+            "write -P 0xab 4M 64k",
+        ],
+    );
     assert!(out.contains("wrote 65536/65536"), "{out}");
 
     let map = exec_ok("nbdinfo", &["--map", &uri]);
@@ -558,7 +768,12 @@ fn nbdinfo_map_and_qemu_img_map() {
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             assert_eq!(f.len(), 4, "unexpected nbdinfo --map line {l:?}");
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].to_string())
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+                f[3].to_string(),
+            )
         })
         .collect();
     let want = vec![
@@ -568,15 +783,29 @@ fn nbdinfo_map_and_qemu_img_map() {
     ];
     assert_eq!(rows, want, "nbdinfo --map output:\n{map}");
 
-    let qmap = Json::parse(&exec_ok("qemu-img", &["map", "-f", "raw", "--output=json", &uri]));
+    let qmap = Json::parse(&exec_ok(
+        "qemu-img",
+        &["map", "-f", "raw", "--output=json", &uri],
+    ));
     let got: Vec<(u64, u64, bool, bool)> = qmap
         .arr()
         .iter()
-        .map(|e| (e.get("start").u64(), e.get("length").u64(), e.get("data").bool(), e.get("zero").bool()))
+        .map(|e| {
+            (
+                e.get("start").u64(),
+                e.get("length").u64(),
+                e.get("data").bool(),
+                e.get("zero").bool(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
-        vec![(0, 4194304, false, true), (4194304, 65536, true, false), (4259840, 62849024, false, true)],
+        vec![
+            (0, 4194304, false, true),
+            (4194304, 65536, true, false),
+            (4259840, 62849024, false, true)
+        ],
         "qemu-img map: {qmap:?}"
     );
     assert!(server.alive());
@@ -621,7 +850,10 @@ out("round_trip", h.pread(65536, sz - 65536) == data)
 out("last_byte", h.pread(1, sz - 1)[0] == data[-1])
 "#;
     let m = kv(&nbdsh_ok(
-        &["h.set_strict_mode(0)", "h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)"],
+        &[
+            "h.set_strict_mode(0)",
+            "h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)",
+        ],
         &server.uri(),
         script,
     ));
@@ -650,10 +882,26 @@ out("last_byte", h.pread(1, sz - 1)[0] == data[-1])
             bad.push(format!("{k}: got errno {got}, want {want}"));
         }
     }
-    assert!(bad.is_empty(), "wrong replies:\n{}\nall: {m:?}", bad.join("\n"));
-    assert_eq!(kv_get(&m, "unknown_flag_write_left_data"), "True", "a rejected write changed data");
-    assert_eq!(kv_get(&m, "read_max"), "True", "32 MiB read did not return the 32 MiB write");
-    assert_eq!(kv_get(&m, "ready"), "True", "connection not ready after invalid requests");
+    assert!(
+        bad.is_empty(),
+        "wrong replies:\n{}\nall: {m:?}",
+        bad.join("\n")
+    );
+    assert_eq!(
+        kv_get(&m, "unknown_flag_write_left_data"),
+        "True",
+        "a rejected write changed data"
+    );
+    assert_eq!(
+        kv_get(&m, "read_max"),
+        "True",
+        "32 MiB read did not return the 32 MiB write"
+    );
+    assert_eq!(
+        kv_get(&m, "ready"),
+        "True",
+        "connection not ready after invalid requests"
+    );
     assert_eq!(kv_get(&m, "round_trip"), "True");
     assert_eq!(kv_get(&m, "last_byte"), "True");
     assert!(server.alive());
@@ -667,7 +915,11 @@ fn nbdsh_read_only_refuses_writes() {
     let mut server = Server::start_on(
         dir,
         disk.clone(),
-        ServerOpts { size: 16 * MIB, extra: &["--read-only"], ..Default::default() },
+        ServerOpts {
+            size: 16 * MIB,
+            extra: &["--read-only"],
+            ..Default::default()
+        },
     );
     let script = r#"
 out("is_read_only", h.is_read_only())
@@ -691,14 +943,22 @@ out("pread_tail_zero", h.pread(4096, h.get_size() - 4096) == bytes(4096))
         .env("EXPECT", &expect_path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", describe("nbdsh", &["(read-only script)"], &out));
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("nbdsh", &["(read-only script)"], &out)
+    );
     let m = kv(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(kv_get(&m, "is_read_only"), "True");
     assert_eq!(kv_errno(&m, "pwrite"), EPERM, "{m:?}");
     assert_eq!(kv_errno(&m, "pwrite_fua"), EPERM, "{m:?}");
     assert_eq!(kv_errno(&m, "trim"), EPERM, "{m:?}");
     assert_eq!(kv_errno(&m, "zero"), EPERM, "{m:?}");
-    assert_eq!(kv_get(&m, "pread_ok"), "True", "read-only export returned wrong data");
+    assert_eq!(
+        kv_get(&m, "pread_ok"),
+        "True",
+        "read-only export returned wrong data"
+    );
     assert_eq!(kv_get(&m, "pread_tail_zero"), "True");
     // Nothing changed on the host.
     assert_same("read-only disk", &read_host(&disk, 0, 65536), &content);
@@ -734,7 +994,11 @@ h.trim(65536, 2 << 20)
 out("after_trim", bs(65536, 2 << 20, nbd.CMD_FLAG_REQ_ONE))
 out("trim_reads_zero", h.pread(65536, 2 << 20) == bytes(65536))
 "#;
-    let m = kv(&nbdsh_ok(&["h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)"], &server.uri(), script));
+    let m = kv(&nbdsh_ok(
+        &["h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)"],
+        &server.uri(),
+        script,
+    ));
     assert_eq!(kv_get(&m, "can_ctx"), "True");
     // With REQ_ONE: exactly one extent, no longer than requested.
     assert_eq!(kv_get(&m, "one_data"), "[(65536, 0)]", "{m:?}");
@@ -744,10 +1008,17 @@ out("trim_reads_zero", h.pread(65536, 2 << 20) == bytes(65536))
     // Without REQ_ONE: data then hole; the last extent may run past the request.
     let many = kv_get(&m, "many");
     assert!(many.starts_with("[(65536, 0), ("), "{many}");
-    assert!(many.contains(", 3)"), "second extent should be hole,zero: {many}");
+    assert!(
+        many.contains(", 3)"),
+        "second extent should be hole,zero: {many}"
+    );
     // TRIM punches a hole: the range reads back as zeroes and is reported as hole,zero.
     assert_eq!(kv_get(&m, "before_trim"), "[(65536, 0)]", "{m:?}");
-    assert_eq!(kv_get(&m, "after_trim"), "[(65536, 3)]", "TRIM did not leave a hole: {m:?}");
+    assert_eq!(
+        kv_get(&m, "after_trim"),
+        "[(65536, 3)]",
+        "TRIM did not leave a hole: {m:?}"
+    );
     assert_eq!(kv_get(&m, "trim_reads_zero"), "True", "{m:?}");
     assert!(server.alive());
 }
@@ -776,14 +1047,25 @@ h2.shutdown()
     let m = kv(&nbdsh_ok(&[], &uri, &script));
     assert_eq!(kv_get(&m, "multi_conn"), "True");
     assert_eq!(kv_get(&m, "before"), "True");
-    assert_eq!(kv_get(&m, "visible"), "True", "write+flush on A not visible on B");
-    assert_eq!(kv_get(&m, "visible_back"), "True", "write+flush on B not visible on A");
+    assert_eq!(
+        kv_get(&m, "visible"),
+        "True",
+        "write+flush on A not visible on B"
+    );
+    assert_eq!(
+        kv_get(&m, "visible_back"),
+        "True",
+        "write+flush on B not visible on A"
+    );
     assert!(server.alive());
 }
 
 #[test]
 fn nbdsh_unknown_export_is_enoent() {
-    let mut server = Server::start(ServerOpts { export: "disk", ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        export: "disk",
+        ..Default::default()
+    });
     let sock = server.socket_path().unwrap().to_string();
     let nope = format!("nbd+unix:///nope?socket={sock}");
     let script = r#"
@@ -801,14 +1083,25 @@ out("read", h.pread(512, 0) == bytes(512))
     assert_eq!(kv_errno(&m, "go"), ENOENT, "{m:?}");
     assert_eq!(kv_errno(&m, "info_disk"), 0, "{m:?}");
     assert_eq!(kv_get(&m, "size"), (64 * MIB).to_string());
-    assert_eq!(kv_errno(&m, "go_default"), 0, "empty name should reach the export: {m:?}");
+    assert_eq!(
+        kv_errno(&m, "go_default"),
+        0,
+        "empty name should reach the export: {m:?}"
+    );
     assert_eq!(kv_get(&m, "read"), "True");
 
     // A plain connect to an unknown export fails with a clear error.
     let out = exec("nbdsh", &["-u", &nope, "-c", "print(h.get_size())"]);
-    assert!(!out.status.success(), "connect to unknown export succeeded: {}", describe("nbdsh", &[], &out));
+    assert!(
+        !out.status.success(),
+        "connect to unknown export succeeded: {}",
+        describe("nbdsh", &[], &out)
+    );
     let text = stdout_stderr(&out);
-    assert!(text.contains("No such file or directory") || text.contains("ENOENT"), "{text}");
+    assert!(
+        text.contains("No such file or directory") || text.contains("ENOENT"),
+        "{text}"
+    );
     assert!(server.alive());
 }
 
@@ -832,15 +1125,25 @@ out("after_error", h.pread(4096, 1 << 20) == data[:4096])
 
 fn check_round_trip(m: &HashMap<String, String>, protocol: &str, server: &Server) {
     assert_eq!(kv_get(m, "protocol"), protocol, "{m:?}");
-    assert_eq!(kv_get(m, "sr"), "False", "structured replies must not be negotiated: {m:?}");
+    assert_eq!(
+        kv_get(m, "sr"),
+        "False",
+        "structured replies must not be negotiated: {m:?}"
+    );
     assert_eq!(kv_get(m, "size"), (64 * MIB).to_string());
     assert_eq!(kv_get(m, "round_trip"), "True", "{m:?}");
     assert_eq!(kv_get(m, "fua_round_trip"), "True", "{m:?}");
     // Simple error reply, and the connection carries on.
     assert_eq!(kv_errno(m, "read_past_end"), EINVAL, "{m:?}");
     assert_eq!(kv_get(m, "after_error"), "True", "{m:?}");
-    let want: Vec<u8> = (0..MIB as usize).map(|i| ((i * 11 + 5) & 0xff) as u8).collect();
-    assert_same("host file", &read_host(&server.disk, MIB, MIB as usize), &want);
+    let want: Vec<u8> = (0..MIB as usize)
+        .map(|i| ((i * 11 + 5) & 0xff) as u8)
+        .collect();
+    assert_same(
+        "host file",
+        &read_host(&server.disk, MIB, MIB as usize),
+        &want,
+    );
 }
 
 #[test]
@@ -849,7 +1152,11 @@ fn old_style_client_export_name_without_structured_replies() {
     // 124 zero bytes of padding, simple replies only.
     let mut server = Server::start(ServerOpts::default());
     let m = kv(&nbdsh_ok(
-        &["h.set_strict_mode(0)", "h.set_handshake_flags(0)", "h.set_request_structured_replies(False)"],
+        &[
+            "h.set_strict_mode(0)",
+            "h.set_handshake_flags(0)",
+            "h.set_request_structured_replies(False)",
+        ],
         &server.uri(),
         ROUND_TRIP,
     ));
@@ -859,9 +1166,16 @@ fn old_style_client_export_name_without_structured_replies() {
 
 #[test]
 fn old_style_client_named_export_via_export_name() {
-    let mut server = Server::start(ServerOpts { export: "disk", ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        export: "disk",
+        ..Default::default()
+    });
     let m = kv(&nbdsh_ok(
-        &["h.set_strict_mode(0)", "h.set_handshake_flags(0)", "h.set_request_structured_replies(False)"],
+        &[
+            "h.set_strict_mode(0)",
+            "h.set_handshake_flags(0)",
+            "h.set_request_structured_replies(False)",
+        ],
         &server.uri(),
         ROUND_TRIP,
     ));
@@ -904,15 +1218,29 @@ fn fio_verify(server: &Server, extra: &[&str]) {
     args.extend_from_slice(extra);
     let out = exec_in(Some(server.dir.path()), "fio", &args);
     let text = stdout_stderr(&out);
-    assert!(out.status.success(), "fio failed: {}", describe("fio", &args, &out));
+    assert!(
+        out.status.success(),
+        "fio failed: {}",
+        describe("fio", &args, &out)
+    );
     let bad: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("verify:") || l.contains("bad magic") || l.contains("verify failed"))
         .collect();
-    assert!(bad.is_empty(), "fio reported verify errors:\n{}\n\n{text}", bad.join("\n"));
-    assert!(text.contains("err= 0"), "fio job did not finish with err=0:\n{text}");
+    assert!(
+        bad.is_empty(),
+        "fio reported verify errors:\n{}\n\n{text}",
+        bad.join("\n")
+    );
+    assert!(
+        text.contains("err= 0"),
+        "fio job did not finish with err=0:\n{text}"
+    );
     // The verify phase read the data back.
-    assert!(text.contains("READ: bw="), "fio did not read anything back:\n{text}");
+    assert!(
+        text.contains("READ: bw="),
+        "fio did not read anything back:\n{text}"
+    );
 }
 
 #[test]
@@ -925,24 +1253,39 @@ fn fio_randwrite_verify() {
 #[test]
 fn fio_randrw_fsync_verify() {
     let mut server = Server::start(ServerOpts::default());
-    fio_verify(&server, &["--rw=randrw", "--bs=64k", "--iodepth=16", "--fsync=16"]);
+    fio_verify(
+        &server,
+        &["--rw=randrw", "--bs=64k", "--iodepth=16", "--fsync=16"],
+    );
     assert!(server.alive());
 }
 
 #[test]
 fn fio_verify_threads_engine() {
-    let mut server = Server::start(ServerOpts { extra: &["--engine", "threads"], ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        extra: &["--engine", "threads"],
+        ..Default::default()
+    });
     fio_verify(&server, &["--rw=randwrite", "--bs=4k", "--iodepth=32"]);
-    fio_verify(&server, &["--rw=randrw", "--bs=64k", "--iodepth=16", "--fsync=16"]);
+    fio_verify(
+        &server,
+        &["--rw=randrw", "--bs=64k", "--iodepth=16", "--fsync=16"],
+    );
     assert!(server.alive());
 }
 
 #[test]
 fn fio_verify_direct() {
-    let mut server = Server::start(ServerOpts { extra: &["--direct"], ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        extra: &["--direct"],
+        ..Default::default()
+    });
     fio_verify(&server, &["--rw=randwrite", "--bs=4k", "--iodepth=32"]);
     // Unaligned-size blocks take the buffered path on a --direct server.
-    fio_verify(&server, &["--rw=randrw", "--bs=6k", "--iodepth=8", "--fsync=16"]);
+    fio_verify(
+        &server,
+        &["--rw=randrw", "--bs=6k", "--iodepth=8", "--fsync=16"],
+    );
     assert!(server.alive());
 }
 
@@ -952,16 +1295,40 @@ fn fio_verify_direct() {
 
 #[test]
 fn fault_read_eio_seen_by_qemu_io_and_nbdsh() {
-    let mut server = Server::start(ServerOpts { extra: &["--fault", "read:1M-2M:eio"], ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        extra: &["--fault", "read:1M-2M:eio"],
+        ..Default::default()
+    });
     let target = server.qemu_target();
 
     let out = exec("qemu-io", &["-f", "raw", &target, "-c", "read 1M 4k"]);
     let text = stdout_stderr(&out);
-    assert!(!out.status.success(), "read in the faulty range succeeded:\n{text}");
-    assert!(text.contains("Input/output error"), "expected an I/O error:\n{text}");
+    assert!(
+        !out.status.success(),
+        "read in the faulty range succeeded:\n{text}"
+    );
+    assert!(
+        text.contains("Input/output error"),
+        "expected an I/O error:\n{text}"
+    );
 
-    let out = exec("qemu-io", &["-f", "raw", &target, "-c", "read -P 0 0 4k", "-c", "read -P 0 3M 4k"]);
-    assert!(out.status.success(), "reads outside the faulty range failed: {}", describe("qemu-io", &[], &out));
+    let out = exec(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &target,
+            "-c",
+            "read -P 0 0 4k",
+            "-c",
+            "read -P 0 3M 4k",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "reads outside the faulty range failed: {}",
+        describe("qemu-io", &[], &out)
+    );
 
     let m = kv(&nbdsh_ok(
         &[],
@@ -981,8 +1348,10 @@ out("outside", h.pread(4096, 0) == b"\x31" * 4096)
 
 #[test]
 fn fault_write_enospc_seen_by_nbdsh() {
-    let mut server =
-        Server::start(ServerOpts { extra: &["--fault", "write:0-4096:enospc"], ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        extra: &["--fault", "write:0-4096:enospc"],
+        ..Default::default()
+    });
     let m = kv(&nbdsh_ok(
         &[],
         &server.uri(),
@@ -996,8 +1365,16 @@ out("read0", h.pread(4096, 0) == bytes(4096))
     assert_eq!(kv_errno(&m, "at0"), ENOSPC, "{m:?}");
     assert_eq!(kv_errno(&m, "at8192"), 0, "{m:?}");
     assert_eq!(kv_get(&m, "read8192"), "True", "{m:?}");
-    assert_eq!(kv_get(&m, "read0"), "True", "failed write changed data: {m:?}");
-    assert_same("host 8192", &read_host(&server.disk, 8192, 4096), &[0x45; 4096]);
+    assert_eq!(
+        kv_get(&m, "read0"),
+        "True",
+        "failed write changed data: {m:?}"
+    );
+    assert_same(
+        "host 8192",
+        &read_host(&server.disk, 8192, 4096),
+        &[0x45; 4096],
+    );
     assert!(server.alive());
 }
 
@@ -1006,7 +1383,12 @@ fn fault_delay_and_odd_errno_become_slow_success_and_eio() {
     // Two rules: writes in 1M-2M are delayed; reads of the first 4 KiB fail with ENODATA
     // (61), which is not an NBD error value and must reach the client as EIO.
     let mut server = Server::start(ServerOpts {
-        extra: &["--fault", "write:1M-2M:delay=300ms", "--fault", "read:0-4096:errno=61"],
+        extra: &[
+            "--fault",
+            "write:1M-2M:delay=300ms",
+            "--fault",
+            "read:0-4096:errno=61",
+        ],
         ..Default::default()
     });
     let m = kv(&nbdsh_ok(
@@ -1023,9 +1405,16 @@ out("after", h.pread(4096, 8192) == bytes(4096))
 "#,
     ));
     let secs: f64 = kv_get(&m, "delayed_s").parse().unwrap();
-    assert!(secs >= 0.29, "write in the delayed range took only {secs} s");
+    assert!(
+        secs >= 0.29,
+        "write in the delayed range took only {secs} s"
+    );
     assert_eq!(kv_get(&m, "delayed_data"), "True", "{m:?}");
-    assert_eq!(kv_errno(&m, "odd_errno"), EIO, "storage errno 61 should be reported as EIO: {m:?}");
+    assert_eq!(
+        kv_errno(&m, "odd_errno"),
+        EIO,
+        "storage errno 61 should be reported as EIO: {m:?}"
+    );
     assert_eq!(kv_get(&m, "after"), "True", "{m:?}");
     assert!(server.alive());
 }
@@ -1052,8 +1441,16 @@ out("ok", h.pread(len(data), 7 << 20) == data)
     );
     let m = kv(&nbdsh_ok(&[], &server.uri(), &script));
     assert_eq!(kv_get(&m, "ok"), "True");
-    assert_eq!(server.stop(), Some(0), "SIGTERM should stop the server with exit code 0");
-    assert_same("disk file after stop", &read_host(&server.disk, 7 * MIB, MIB as usize), &data);
+    assert_eq!(
+        server.stop(),
+        Some(0),
+        "SIGTERM should stop the server with exit code 0"
+    );
+    assert_same(
+        "disk file after stop",
+        &read_host(&server.disk, 7 * MIB, MIB as usize),
+        &data,
+    );
 }
 
 #[test]
@@ -1082,11 +1479,18 @@ sys.stdin.read()
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(client.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     if line.trim() != "ready" {
         let _ = client.kill();
         let mut err = String::new();
-        client.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        client
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         panic!("nbdsh did not get ready: {line:?}\n{err}");
     }
 
@@ -1098,9 +1502,18 @@ sys.stdin.read()
         let _ = client.kill();
         let _ = client.wait();
     }
-    let status = status.expect("server did not exit within 15 s of SIGTERM with an idle client connected");
-    assert_eq!(status.code(), Some(0), "SIGTERM should stop the server with exit code 0");
-    assert_same("disk file after stop", &read_host(&server.disk, 5 * MIB, data.len()), &data);
+    let status =
+        status.expect("server did not exit within 15 s of SIGTERM with an idle client connected");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM should stop the server with exit code 0"
+    );
+    assert_same(
+        "disk file after stop",
+        &read_host(&server.disk, 5 * MIB, data.len()),
+        &data,
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1136,7 +1549,10 @@ fn nbdfuse_ext4_filesystem() {
         "/dev/fuse is missing: this test needs FUSE (run the container with --device /dev/fuse)"
     );
     let size = 64 * MIB;
-    let mut server = Server::start(ServerOpts { size, ..Default::default() });
+    let mut server = Server::start(ServerOpts {
+        size,
+        ..Default::default()
+    });
     let dir = server.dir.path().to_path_buf();
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -1148,16 +1564,26 @@ fn nbdfuse_ext4_filesystem() {
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn nbdfuse");
-    let mut fuse = FuseMount { mnt: mnt.clone(), child };
+    let mut fuse = FuseMount {
+        mnt: mnt.clone(),
+        child,
+    };
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if std::fs::metadata(&file).map(|m| m.len() == size).unwrap_or(false) {
+        if std::fs::metadata(&file)
+            .map(|m| m.len() == size)
+            .unwrap_or(false)
+        {
             break;
         }
         if let Some(st) = fuse.child.try_wait().unwrap() {
             panic!("nbdfuse exited early with {st}");
         }
-        assert!(Instant::now() < deadline, "nbdfuse did not expose {} within 15 s", file.display());
+        assert!(
+            Instant::now() < deadline,
+            "nbdfuse did not expose {} within 15 s",
+            file.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let f = file.to_str().unwrap();
@@ -1165,19 +1591,30 @@ fn nbdfuse_ext4_filesystem() {
     // Raw block I/O through the FUSE file.
     let chunk = pattern(MIB as usize, 99);
     {
-        let fh = std::fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
+        let fh = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
         fh.write_all_at(&chunk, 3 * MIB).unwrap();
         fh.sync_all().unwrap();
         let mut back = vec![0u8; chunk.len()];
         fh.read_exact_at(&mut back, 3 * MIB).unwrap();
         assert_same("nbdfuse read back", &back, &chunk);
     }
-    assert_same("host file after nbdfuse write", &read_host(&server.disk, 3 * MIB, chunk.len()), &chunk);
+    assert_same(
+        "host file after nbdfuse write",
+        &read_host(&server.disk, 3 * MIB, chunk.len()),
+        &chunk,
+    );
 
     // A filesystem on top.
     exec_ok("mkfs.ext4", &["-q", "-F", f]);
     exec_ok("e2fsck", &["-fn", f]);
-    let payload_text = format!("tandem nbdfuse test {:x}\n", u64::from_le_bytes(pattern(8, 5)[..8].try_into().unwrap()));
+    let payload_text = format!(
+        "tandem nbdfuse test {:x}\n",
+        u64::from_le_bytes(pattern(8, 5)[..8].try_into().unwrap())
+    );
     let payload = dir.join("hello.txt");
     std::fs::write(&payload, &payload_text).unwrap();
     let w = format!("write {} hello.txt", payload.display());
@@ -1188,13 +1625,17 @@ fn nbdfuse_ext4_filesystem() {
 
     // Unmount; nbdfuse exits.
     exec_ok("fusermount3", &["-u", mnt.to_str().unwrap()]);
-    let st = wait_timeout(&mut fuse.child, Duration::from_secs(10)).expect("nbdfuse did not exit after unmount");
+    let st = wait_timeout(&mut fuse.child, Duration::from_secs(10))
+        .expect("nbdfuse did not exit after unmount");
     assert!(st.success(), "nbdfuse exited with {st}");
 
     // The filesystem is in the server's disk file on the host.
     let disk = server.disk.to_str().unwrap().to_string();
     exec_ok("e2fsck", &["-fn", &disk]);
-    assert_eq!(exec_ok("debugfs", &["-R", "cat hello.txt", &disk]), payload_text);
+    assert_eq!(
+        exec_ok("debugfs", &["-R", "cat hello.txt", &disk]),
+        payload_text
+    );
     assert_eq!(server.stop(), Some(0));
 }
 
@@ -1259,9 +1700,17 @@ out("ok", ok)
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     for (i, data) in payloads.iter().enumerate() {
         let off = (8 + 2 * i as u64) * MIB;
-        assert_same(&format!("host region of client {i}"), &read_host(&server.disk, off, data.len()), data);
+        assert_same(
+            &format!("host region of client {i}"),
+            &read_host(&server.disk, off, data.len()),
+            data,
+        );
         // The gap after each region was never written.
-        assert_same(&format!("gap after client {i}"), &read_host(&server.disk, off + MIB, 4096), &[0; 4096]);
+        assert_same(
+            &format!("gap after client {i}"),
+            &read_host(&server.disk, off + MIB, 4096),
+            &[0; 4096],
+        );
     }
     assert!(server.alive());
     assert_eq!(server.stop(), Some(0));

@@ -16,8 +16,16 @@ struct Client {
 }
 
 enum Reply {
-    Simple { error: u32, cookie: u64 },
-    Chunk { flags: u16, kind: u16, cookie: u64, payload: Vec<u8> },
+    Simple {
+        error: u32,
+        cookie: u64,
+    },
+    Chunk {
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        payload: Vec<u8>,
+    },
 }
 
 impl Client {
@@ -29,7 +37,10 @@ impl Client {
         s.read_exact(&mut greeting).unwrap();
         assert_eq!(&greeting[0..8], &NBDMAGIC.to_be_bytes());
         assert_eq!(&greeting[8..16], &IHAVEOPT_BYTES);
-        assert_eq!(u16::from_be_bytes([greeting[16], greeting[17]]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        assert_eq!(
+            u16::from_be_bytes([greeting[16], greeting[17]]),
+            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+        );
         s.write_all(&flags.to_be_bytes()).unwrap();
         Client { s }
     }
@@ -45,7 +56,10 @@ impl Client {
     fn opt_reply(&mut self) -> (u32, u32, Vec<u8>) {
         let mut h = [0u8; 20];
         self.s.read_exact(&mut h).unwrap();
-        assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), OPT_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(h[0..8].try_into().unwrap()),
+            OPT_REPLY_MAGIC
+        );
         let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
@@ -71,12 +85,23 @@ impl Client {
                 }
                 REP_INFO => {}
                 REP_ACK => return export.expect("INFO_EXPORT before ACK"),
-                other => panic!("unexpected GO reply {other:#x}: {}", String::from_utf8_lossy(&data)),
+                other => panic!(
+                    "unexpected GO reply {other:#x}: {}",
+                    String::from_utf8_lossy(&data)
+                ),
             }
         }
     }
 
-    fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
+    fn request(
+        &mut self,
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
         let mut v = Vec::with_capacity(28 + payload.len());
         v.extend(REQUEST_MAGIC.to_be_bytes());
         v.extend(flags.to_be_bytes());
@@ -277,7 +302,10 @@ fn option_caps_drop_abusive_clients() {
 
 #[test]
 fn export_name_padding_and_unknown_export() {
-    let s = Server::start(ServerOpts { export: "disk", ..Default::default() });
+    let s = Server::start(ServerOpts {
+        export: "disk",
+        ..Default::default()
+    });
     // Without NO_ZEROES: size, flags, then 124 zero bytes.
     let mut c = Client::start(&s, FLAG_C_FIXED_NEWSTYLE);
     c.option(OPT_EXPORT_NAME, b"disk");
@@ -421,17 +449,36 @@ fn structured_replies_for_reads_and_block_status() {
     // Out-of-range read: an ERROR chunk with DONE, never a simple reply.
     c.request(0, CMD_READ, 2, 64 * MIB - 512, 1024, &[]);
     match c.reply() {
-        Reply::Chunk { flags, kind, cookie, payload } => {
-            assert_eq!((flags, kind, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 2));
-            assert_eq!(u32::from_be_bytes(payload[0..4].try_into().unwrap()), EINVAL);
+        Reply::Chunk {
+            flags,
+            kind,
+            cookie,
+            payload,
+        } => {
+            assert_eq!(
+                (flags, kind, cookie),
+                (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 2)
+            );
+            assert_eq!(
+                u32::from_be_bytes(payload[0..4].try_into().unwrap()),
+                EINVAL
+            );
         }
         Reply::Simple { .. } => panic!("simple reply to a structured read"),
     }
     c.request(0, CMD_READ, 3, 4 * MIB, 4096, &[]);
     match c.reply() {
-        Reply::Chunk { flags, kind, payload, .. } => {
+        Reply::Chunk {
+            flags,
+            kind,
+            payload,
+            ..
+        } => {
             assert_eq!((flags, kind), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA));
-            assert_eq!(u64::from_be_bytes(payload[0..8].try_into().unwrap()), 4 * MIB);
+            assert_eq!(
+                u64::from_be_bytes(payload[0..8].try_into().unwrap()),
+                4 * MIB
+            );
             assert_eq!(&payload[8..], &[1; 4096][..]);
         }
         Reply::Simple { .. } => panic!("simple reply to a structured read"),
@@ -444,14 +491,26 @@ fn structured_replies_for_reads_and_block_status() {
             assert_eq!(u32::from_be_bytes(payload[0..4].try_into().unwrap()), ctx);
             let ext: Vec<(u32, u32)> = payload[4..]
                 .chunks(8)
-                .map(|e| (u32::from_be_bytes(e[0..4].try_into().unwrap()), u32::from_be_bytes(e[4..8].try_into().unwrap())))
+                .map(|e| {
+                    (
+                        u32::from_be_bytes(e[0..4].try_into().unwrap()),
+                        u32::from_be_bytes(e[4..8].try_into().unwrap()),
+                    )
+                })
                 .collect();
             assert_eq!(ext, vec![(4 << 20, 3), (65536, 0), ((60 << 20) - 65536, 3)]);
         }
         Reply::Simple { .. } => panic!("block status needs a chunk"),
     }
     // REQ_ONE: exactly one extent, no longer than asked.
-    c.request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 5, 4 * MIB - 4096, 1 << 20, &[]);
+    c.request(
+        CMD_FLAG_REQ_ONE,
+        CMD_BLOCK_STATUS,
+        5,
+        4 * MIB - 4096,
+        1 << 20,
+        &[],
+    );
     match c.reply() {
         Reply::Chunk { payload, .. } => {
             assert_eq!(payload.len(), 12);
@@ -463,7 +522,10 @@ fn structured_replies_for_reads_and_block_status() {
 
 #[test]
 fn huge_trim_allocates_nothing_proportional() {
-    let s = Server::start(ServerOpts { size: 8 << 30, ..Default::default() });
+    let s = Server::start(ServerOpts {
+        size: 8 << 30,
+        ..Default::default()
+    });
     let pid = s.child.id();
     let mut c = transmission(&s);
     let data = pattern(1 << 20, 5);
@@ -482,20 +544,37 @@ fn huge_trim_allocates_nothing_proportional() {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
-    assert!(hwm_kib < 128 * 1024, "peak RSS {hwm_kib} KiB after a 4 GiB trim");
+    assert!(
+        hwm_kib < 128 * 1024,
+        "peak RSS {hwm_kib} KiB after a 4 GiB trim"
+    );
     // The punched range is really deallocated on the host.
     let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&s.disk).unwrap());
-    assert!(blocks * 512 < (1u64 << 30) + (2 << 20), "disk holds {} bytes", blocks * 512);
+    assert!(
+        blocks * 512 < (1u64 << 30) + (2 << 20),
+        "disk holds {} bytes",
+        blocks * 512
+    );
 }
 
 #[test]
 fn pipelined_requests_complete_out_of_order_with_matching_cookies() {
-    let s = Server::start(ServerOpts { extra: &["--fault", "write:0-4096:delay=300ms"], ..Default::default() });
+    let s = Server::start(ServerOpts {
+        extra: &["--fault", "write:0-4096:delay=300ms"],
+        ..Default::default()
+    });
     let mut c = transmission(&s);
     // The delayed write is sent first; later requests must not wait behind it.
     c.request(0, CMD_WRITE, 1, 0, 4096, &[9; 4096]);
     for i in 0..64u64 {
-        c.request(0, CMD_WRITE, 10 + i, (i + 1) * 4096, 4096, &pattern(4096, i));
+        c.request(
+            0,
+            CMD_WRITE,
+            10 + i,
+            (i + 1) * 4096,
+            4096,
+            &pattern(4096, i),
+        );
     }
     let mut order = Vec::new();
     for _ in 0..65 {
@@ -507,7 +586,10 @@ fn pipelined_requests_complete_out_of_order_with_matching_cookies() {
     assert_ne!(order[0], 1, "the delayed write held up the pipeline");
     assert_eq!(*order.last().unwrap(), 1);
     for i in 0..64u64 {
-        assert_eq!(c.read_simple(100 + i, (i + 1) * 4096, 4096), pattern(4096, i));
+        assert_eq!(
+            c.read_simple(100 + i, (i + 1) * 4096, 4096),
+            pattern(4096, i)
+        );
     }
 }
 

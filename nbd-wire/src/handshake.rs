@@ -68,7 +68,10 @@ pub enum HandshakeError {
     UnknownClientFlags(u32),
     BadOptionMagic(u64),
     TooManyOptions,
-    OptionTooLong { option: u32, length: u32 },
+    OptionTooLong {
+        option: u32,
+        length: u32,
+    },
     /// `NBD_OPT_EXPORT_NAME` can only be refused by disconnecting.
     ExportNameRefused(String),
     /// Bytes arrived after the handshake finished.
@@ -82,7 +85,10 @@ impl std::fmt::Display for HandshakeError {
             Self::BadOptionMagic(m) => write!(f, "bad option magic {m:#x}"),
             Self::TooManyOptions => write!(f, "more than {MAX_OPTIONS} options"),
             Self::OptionTooLong { option, length } => {
-                write!(f, "option {option} of {length} bytes exceeds {MAX_OPTION_LEN}")
+                write!(
+                    f,
+                    "option {option} of {length} bytes exceeds {MAX_OPTION_LEN}"
+                )
             }
             Self::ExportNameRefused(m) => write!(f, "export refused: {m}"),
             Self::AlreadyFinished => write!(f, "data after the handshake finished"),
@@ -98,9 +104,16 @@ enum State {
     ClientFlags,
     OptionHeader,
     /// Reading the payload of a known option into `payload`.
-    Payload { option: u32, length: u32 },
+    Payload {
+        option: u32,
+        length: u32,
+    },
     /// Discarding a payload, then answering `reply` to `option`.
-    Skip { option: u32, remaining: u32, reply: u32 },
+    Skip {
+        option: u32,
+        remaining: u32,
+        reply: u32,
+    },
     Finished,
 }
 
@@ -265,10 +278,13 @@ impl<C: ExportCatalog> ServerHandshake<C> {
         } else {
             match option {
                 OPT_ABORT => Some(REP_ACK),
-                OPT_EXPORT_NAME | OPT_LIST | OPT_INFO | OPT_GO | OPT_STRUCTURED_REPLY
-                | OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                    (length > MAX_BUFFERED_OPTION).then_some(REP_ERR_TOO_BIG)
-                }
+                OPT_EXPORT_NAME
+                | OPT_LIST
+                | OPT_INFO
+                | OPT_GO
+                | OPT_STRUCTURED_REPLY
+                | OPT_LIST_META_CONTEXT
+                | OPT_SET_META_CONTEXT => (length > MAX_BUFFERED_OPTION).then_some(REP_ERR_TOO_BIG),
                 _ => Some(REP_ERR_UNSUP),
             }
         };
@@ -289,7 +305,11 @@ impl<C: ExportCatalog> ServerHandshake<C> {
         Ok(())
     }
 
-    fn on_option(&mut self, option: u32, payload: &[u8]) -> Result<Option<Outcome>, HandshakeError> {
+    fn on_option(
+        &mut self,
+        option: u32,
+        payload: &[u8],
+    ) -> Result<Option<Outcome>, HandshakeError> {
         match option {
             OPT_EXPORT_NAME => return self.export_name(payload).map(Some),
             OPT_LIST => {
@@ -308,9 +328,17 @@ impl<C: ExportCatalog> ServerHandshake<C> {
             }
             OPT_STRUCTURED_REPLY => {
                 if !payload.is_empty() {
-                    self.reply_error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                    self.reply_error(
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                 } else if self.structured {
-                    self.reply_error(option, REP_ERR_INVALID, "structured replies already negotiated");
+                    self.reply_error(
+                        option,
+                        REP_ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
                 } else {
                     self.structured = true;
                     self.reply(option, REP_ACK, &[]);
@@ -327,7 +355,9 @@ impl<C: ExportCatalog> ServerHandshake<C> {
         let name = std::str::from_utf8(payload)
             .map_err(|_| HandshakeError::ExportNameRefused("export name is not UTF-8".into()))?;
         if name.len() > MAX_STRING {
-            return Err(HandshakeError::ExportNameRefused("export name too long".into()));
+            return Err(HandshakeError::ExportNameRefused(
+                "export name too long".into(),
+            ));
         }
         let export = self
             .catalog
@@ -342,8 +372,9 @@ impl<C: ExportCatalog> ServerHandshake<C> {
     }
 
     fn negotiated(&self, export: ExportInfo) -> Negotiated {
-        let base_allocation = (self.structured && self.meta_export.as_deref() == Some(&export.name))
-            .then_some(BASE_ALLOCATION_ID);
+        let base_allocation = (self.structured
+            && self.meta_export.as_deref() == Some(&export.name))
+        .then_some(BASE_ALLOCATION_ID);
         Negotiated {
             export,
             structured_replies: self.structured,
@@ -400,7 +431,11 @@ impl<C: ExportCatalog> ServerHandshake<C> {
             // SET replaces the selection even when it fails.
             self.meta_export = None;
             if !self.structured {
-                self.reply_error(option, REP_ERR_INVALID, "negotiate structured replies first");
+                self.reply_error(
+                    option,
+                    REP_ERR_INVALID,
+                    "negotiate structured replies first",
+                );
                 return;
             }
         }
@@ -416,7 +451,9 @@ impl<C: ExportCatalog> ServerHandshake<C> {
             queries.clone().any(|q| q == META_BASE_ALLOCATION)
         } else {
             queries.clone().next().is_none()
-                || queries.clone().any(|q| q == "base:" || q == META_BASE_ALLOCATION)
+                || queries
+                    .clone()
+                    .any(|q| q == "base:" || q == META_BASE_ALLOCATION)
         };
         if matched {
             let id = if set { BASE_ALLOCATION_ID } else { 0 };
@@ -485,7 +522,11 @@ fn parse_info_request(p: &[u8]) -> Option<(&str, impl Iterator<Item = u16> + Clo
     if rest.len() != 2 * n {
         return None;
     }
-    Some((name, rest.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]]))))
+    Some((
+        name,
+        rest.chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]])),
+    ))
 }
 
 /// `u32 namelen, name, u32 nqueries, nqueries × (u32 len, query)`, exactly filling the payload.

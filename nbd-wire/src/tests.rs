@@ -68,7 +68,10 @@ fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
 fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
     let mut out = Vec::new();
     while !b.is_empty() {
-        assert_eq!(u64::from_be_bytes(b[0..8].try_into().unwrap()), OPT_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(b[0..8].try_into().unwrap()),
+            OPT_REPLY_MAGIC
+        );
         let opt = u32::from_be_bytes(b[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(b[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
@@ -85,7 +88,10 @@ fn started(client_flags: u32) -> ServerHandshake<OneExport> {
     assert_eq!(greeting.len(), 18);
     assert_eq!(&greeting[0..8], &NBDMAGIC.to_be_bytes());
     assert_eq!(&greeting[8..16], &IHAVEOPT.to_be_bytes());
-    assert_eq!(&greeting[16..18], &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    assert_eq!(
+        &greeting[16..18],
+        &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()
+    );
     assert_eq!(hs.receive(&client_flags.to_be_bytes()).unwrap(), (4, None));
     hs
 }
@@ -111,7 +117,9 @@ fn unknown_option_is_skipped_and_negotiation_continues() {
         hs.receive(&option(opt, &[])).unwrap();
         assert_eq!(replies(&hs.take_output())[0].1, REP_ERR_UNSUP);
     }
-    let (_, done) = hs.receive(&option(OPT_GO, &info_payload("disk", &[]))).unwrap();
+    let (_, done) = hs
+        .receive(&option(OPT_GO, &info_payload("disk", &[])))
+        .unwrap();
     assert!(matches!(done, Some(Outcome::Transmission(_))));
 }
 
@@ -120,7 +128,9 @@ fn export_name_pads_unless_no_zeroes() {
     for (flags, expect_len) in [(1u32, 8 + 2 + 124), (3, 10)] {
         let mut hs = started(flags);
         let (_, done) = hs.receive(&option(OPT_EXPORT_NAME, b"disk")).unwrap();
-        let Some(Outcome::Transmission(n)) = done else { panic!("no transmission") };
+        let Some(Outcome::Transmission(n)) = done else {
+            panic!("no transmission")
+        };
         assert!(!n.structured_replies);
         let out = hs.take_output();
         assert_eq!(out.len(), expect_len);
@@ -151,7 +161,10 @@ fn plain_newstyle_client_may_only_send_export_name() {
 fn go_sends_export_info_ignores_unknown_infos_and_acks() {
     let mut hs = started(3);
     let (_, done) = hs
-        .receive(&option(OPT_GO, &info_payload("disk", &[INFO_BLOCK_SIZE, 0x7777, INFO_NAME])))
+        .receive(&option(
+            OPT_GO,
+            &info_payload("disk", &[INFO_BLOCK_SIZE, 0x7777, INFO_NAME]),
+        ))
         .unwrap();
     assert!(matches!(done, Some(Outcome::Transmission(_))));
     let r = replies(&hs.take_output());
@@ -172,12 +185,16 @@ fn go_sends_export_info_ignores_unknown_infos_and_acks() {
 #[test]
 fn info_then_go_report_the_same_and_info_does_not_finish() {
     let mut hs = started(3);
-    let (_, done) = hs.receive(&option(OPT_INFO, &info_payload("disk", &[]))).unwrap();
+    let (_, done) = hs
+        .receive(&option(OPT_INFO, &info_payload("disk", &[])))
+        .unwrap();
     assert!(done.is_none());
     let info = replies(&hs.take_output());
-    hs.receive(&option(OPT_GO, &info_payload("disk", &[]))).unwrap();
+    hs.receive(&option(OPT_GO, &info_payload("disk", &[])))
+        .unwrap();
     let go = replies(&hs.take_output());
-    let strip = |v: Vec<(u32, u32, Vec<u8>)>| v.into_iter().map(|(_, k, d)| (k, d)).collect::<Vec<_>>();
+    let strip =
+        |v: Vec<(u32, u32, Vec<u8>)>| v.into_iter().map(|(_, k, d)| (k, d)).collect::<Vec<_>>();
     assert_eq!(strip(info), strip(go));
 }
 
@@ -192,7 +209,8 @@ fn malformed_go_and_unknown_export_get_errors() {
     extra.push(0); // trailing byte
     hs.receive(&option(OPT_INFO, &extra)).unwrap();
     assert_eq!(replies(&hs.take_output())[0].1, REP_ERR_INVALID);
-    hs.receive(&option(OPT_GO, &info_payload("nope", &[]))).unwrap();
+    hs.receive(&option(OPT_GO, &info_payload("nope", &[])))
+        .unwrap();
     let r = replies(&hs.take_output());
     assert_eq!(r[0].1, REP_ERR_UNKNOWN);
     assert_eq!(r[0].2, b"no export \"nope\"");
@@ -221,23 +239,30 @@ fn list_and_abort() {
 fn meta_context_rules() {
     let mut hs = started(3);
     // SET before structured replies is invalid.
-    hs.receive(&option(OPT_SET_META_CONTEXT, &meta_payload("disk", &[META_BASE_ALLOCATION])))
-        .unwrap();
+    hs.receive(&option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("disk", &[META_BASE_ALLOCATION]),
+    ))
+    .unwrap();
     assert_eq!(replies(&hs.take_output())[0].1, REP_ERR_INVALID);
     hs.receive(&option(OPT_STRUCTURED_REPLY, &[])).unwrap();
     assert_eq!(replies(&hs.take_output())[0].1, REP_ACK);
     hs.receive(&option(OPT_STRUCTURED_REPLY, &[])).unwrap();
     assert_eq!(replies(&hs.take_output())[0].1, REP_ERR_INVALID);
     // LIST with no queries lists everything, with id 0.
-    hs.receive(&option(OPT_LIST_META_CONTEXT, &meta_payload("disk", &[]))).unwrap();
+    hs.receive(&option(OPT_LIST_META_CONTEXT, &meta_payload("disk", &[])))
+        .unwrap();
     let r = replies(&hs.take_output());
     assert_eq!(r[0].1, REP_META_CONTEXT);
     assert_eq!(&r[0].2[0..4], &0u32.to_be_bytes());
     assert_eq!(&r[0].2[4..], META_BASE_ALLOCATION.as_bytes());
     assert_eq!(r[1].1, REP_ACK);
     // Unknown namespaces are ignored.
-    hs.receive(&option(OPT_SET_META_CONTEXT, &meta_payload("disk", &["qemu:dirty-bitmap:x"])))
-        .unwrap();
+    hs.receive(&option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("disk", &["qemu:dirty-bitmap:x"]),
+    ))
+    .unwrap();
     assert_eq!(replies(&hs.take_output()).len(), 1);
     hs.receive(&option(
         OPT_SET_META_CONTEXT,
@@ -247,8 +272,12 @@ fn meta_context_rules() {
     let r = replies(&hs.take_output());
     assert_eq!(r[0].1, REP_META_CONTEXT);
     assert_eq!(&r[0].2[0..4], &1u32.to_be_bytes());
-    let (_, done) = hs.receive(&option(OPT_GO, &info_payload("disk", &[]))).unwrap();
-    let Some(Outcome::Transmission(n)) = done else { panic!() };
+    let (_, done) = hs
+        .receive(&option(OPT_GO, &info_payload("disk", &[])))
+        .unwrap();
+    let Some(Outcome::Transmission(n)) = done else {
+        panic!()
+    };
     assert!(n.structured_replies);
     assert_eq!(n.base_allocation, Some(1));
 }
@@ -257,10 +286,17 @@ fn meta_context_rules() {
 fn meta_context_for_another_export_is_dropped_at_go() {
     let mut hs = started(3);
     hs.receive(&option(OPT_STRUCTURED_REPLY, &[])).unwrap();
-    hs.receive(&option(OPT_SET_META_CONTEXT, &meta_payload("other", &[META_BASE_ALLOCATION])))
+    hs.receive(&option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("other", &[META_BASE_ALLOCATION]),
+    ))
+    .unwrap();
+    let (_, done) = hs
+        .receive(&option(OPT_GO, &info_payload("disk", &[])))
         .unwrap();
-    let (_, done) = hs.receive(&option(OPT_GO, &info_payload("disk", &[]))).unwrap();
-    let Some(Outcome::Transmission(n)) = done else { panic!() };
+    let Some(Outcome::Transmission(n)) = done else {
+        panic!()
+    };
     assert_eq!(n.base_allocation, None);
 }
 
@@ -270,14 +306,20 @@ fn caps_on_option_count_and_length() {
     for _ in 0..MAX_OPTIONS {
         hs.receive(&option(99, &[])).unwrap();
     }
-    assert_eq!(hs.receive(&option(99, &[])), Err(HandshakeError::TooManyOptions));
+    assert_eq!(
+        hs.receive(&option(99, &[])),
+        Err(HandshakeError::TooManyOptions)
+    );
 
     let mut hs = started(3);
     let mut hdr = Vec::new();
     hdr.put_u64(IHAVEOPT);
     hdr.put_u32(99);
     hdr.put_u32(MAX_OPTION_LEN + 1);
-    assert!(matches!(hs.receive(&hdr), Err(HandshakeError::OptionTooLong { .. })));
+    assert!(matches!(
+        hs.receive(&hdr),
+        Err(HandshakeError::OptionTooLong { .. })
+    ));
 
     // A known option beyond the buffering cap is skipped, not buffered.
     let mut hs = started(3);
@@ -287,7 +329,8 @@ fn caps_on_option_count_and_length() {
     hdr.put_u32(MAX_BUFFERED_OPTION + 1);
     hs.receive(&hdr).unwrap();
     assert!(hs.wants() <= 64 * 1024);
-    hs.receive(&vec![0u8; MAX_BUFFERED_OPTION as usize + 1]).unwrap();
+    hs.receive(&vec![0u8; MAX_BUFFERED_OPTION as usize + 1])
+        .unwrap();
     assert_eq!(replies(&hs.take_output())[0].1, REP_ERR_TOO_BIG);
 }
 
@@ -296,7 +339,10 @@ fn bad_option_magic_disconnects() {
     let mut hs = started(3);
     let mut v = option(OPT_LIST, &[]);
     v[0] ^= 1;
-    assert!(matches!(hs.receive(&v), Err(HandshakeError::BadOptionMagic(_))));
+    assert!(matches!(
+        hs.receive(&v),
+        Err(HandshakeError::BadOptionMagic(_))
+    ));
 }
 
 #[test]
@@ -312,7 +358,13 @@ fn receive_never_reads_past_the_handshake() {
 }
 
 fn request(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-    RequestHeader { flags, kind, cookie: 7, offset, length }
+    RequestHeader {
+        flags,
+        kind,
+        cookie: 7,
+        offset,
+        length,
+    }
 }
 
 const LIM: ExportLimits = ExportLimits {
@@ -324,7 +376,10 @@ const LIM: ExportLimits = ExportLimits {
 
 #[test]
 fn validation_follows_the_spec_table() {
-    let ro = ExportLimits { read_only: true, ..LIM };
+    let ro = ExportLimits {
+        read_only: true,
+        ..LIM
+    };
     let cases: &[(RequestHeader, ExportLimits, Result<(), u32>)] = &[
         (request(CMD_READ, 0, 0, 4096), LIM, Ok(())),
         (request(CMD_READ, CMD_FLAG_FUA, 0, 4096), LIM, Ok(())),
@@ -338,8 +393,16 @@ fn validation_follows_the_spec_table() {
         (request(CMD_WRITE, 0, 0, 0), LIM, Ok(())),
         (request(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), LIM, Err(EINVAL)),
         (request(CMD_WRITE_ZEROES, 0, 1 << 20, 1), LIM, Err(ENOSPC)),
-        (request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 1), LIM, Ok(())),
-        (request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), LIM, Err(EINVAL)),
+        (
+            request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 1),
+            LIM,
+            Ok(()),
+        ),
+        (
+            request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1),
+            LIM,
+            Err(EINVAL),
+        ),
         (request(CMD_WRITE_ZEROES, 0, 0, 1), ro, Err(EPERM)),
         (request(CMD_TRIM, 0, 1 << 20, 1), LIM, Err(EINVAL)),
         (request(CMD_TRIM, 0, 0, 1 << 20), ro, Err(EPERM)),
@@ -348,15 +411,31 @@ fn validation_follows_the_spec_table() {
         (request(CMD_FLUSH, 0, 0, 1), LIM, Err(EINVAL)),
         (request(CMD_CACHE, 0, 0, 1 << 20), LIM, Ok(())),
         (request(CMD_CACHE, CMD_FLAG_NO_HOLE, 0, 1), LIM, Err(EINVAL)),
-        (request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 512), LIM, Ok(())),
+        (
+            request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 512),
+            LIM,
+            Ok(()),
+        ),
         (request(CMD_BLOCK_STATUS, 0, 0, 0), LIM, Err(EINVAL)),
-        (request(CMD_BLOCK_STATUS, 0, 0, 1), ExportLimits { block_status: false, ..LIM }, Err(EINVAL)),
+        (
+            request(CMD_BLOCK_STATUS, 0, 0, 1),
+            ExportLimits {
+                block_status: false,
+                ..LIM
+            },
+            Err(EINVAL),
+        ),
         (request(CMD_READ, 0, 0, 1), ro, Ok(())),
         (request(0x99, 0, 0, 0), LIM, Err(EINVAL)),
         (request(8, 0, 0, 0), LIM, Err(EINVAL)),
     ];
     for (req, lim, want) in cases {
-        assert_eq!(validate(req, lim).map(|_| ()), *want, "{req:?} ro={}", lim.read_only);
+        assert_eq!(
+            validate(req, lim).map(|_| ()),
+            *want,
+            "{req:?} ro={}",
+            lim.read_only
+        );
     }
 }
 

@@ -81,14 +81,37 @@ pub struct ExportLimits {
 /// A request that passed validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, length: u32 },
-    Write { offset: u64, length: u32, fua: bool },
+    Read {
+        offset: u64,
+        length: u32,
+    },
+    Write {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, length: u32, fua: bool },
-    Cache { offset: u64, length: u32 },
-    WriteZeroes { offset: u64, length: u32, fua: bool, no_hole: bool },
-    BlockStatus { offset: u64, length: u32, req_one: bool },
+    Trim {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u32,
+        fua: bool,
+        no_hole: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        req_one: bool,
+    },
 }
 
 /// Check a request against the spec's rules. `Err` carries the NBD error to reply with;
@@ -113,22 +136,19 @@ pub fn validate(h: &RequestHeader, lim: &ExportLimits) -> Result<Command, u32> {
         return Err(EPERM);
     }
     match h.kind {
-        CMD_READ => {
-            if !in_range {
-                Err(EINVAL)
-            } else if length > MAX_PAYLOAD {
-                Err(EINVAL)
-            } else {
-                Ok(Command::Read { offset, length })
-            }
-        }
+        CMD_READ if !in_range || length > MAX_PAYLOAD => Err(EINVAL),
+        CMD_READ => Ok(Command::Read { offset, length }),
         CMD_WRITE => {
             if length > MAX_PAYLOAD {
                 Err(EINVAL)
             } else if !in_range {
                 Err(ENOSPC)
             } else {
-                Ok(Command::Write { offset, length, fua })
+                Ok(Command::Write {
+                    offset,
+                    length,
+                    fua,
+                })
             }
         }
         CMD_DISC => Ok(Command::Disconnect),
@@ -140,7 +160,11 @@ pub fn validate(h: &RequestHeader, lim: &ExportLimits) -> Result<Command, u32> {
             }
         }
         CMD_TRIM if !in_range => Err(EINVAL),
-        CMD_TRIM => Ok(Command::Trim { offset, length, fua }),
+        CMD_TRIM => Ok(Command::Trim {
+            offset,
+            length,
+            fua,
+        }),
         CMD_CACHE if !in_range => Err(EINVAL),
         CMD_CACHE => Ok(Command::Cache { offset, length }),
         CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
@@ -207,7 +231,13 @@ pub fn put_chunk_header(out: &mut impl BufMut, flags: u16, kind: u16, cookie: u6
 
 /// Header of an `OFFSET_DATA` chunk marked DONE; `data_len` bytes of data follow.
 pub fn put_offset_data_header(out: &mut impl BufMut, cookie: u64, offset: u64, data_len: u32) {
-    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + data_len);
+    put_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        8 + data_len,
+    );
     out.put_u64(offset);
 }
 
@@ -225,14 +255,25 @@ pub fn put_error_chunk(out: &mut impl BufMut, cookie: u64, error: u32, message: 
             msg = &msg[..msg.len() - 1];
         }
     }
-    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32);
+    put_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + msg.len() as u32,
+    );
     out.put_u32(error);
     out.put_u16(msg.len() as u16);
     out.put_slice(msg);
 }
 
 /// A final `BLOCK_STATUS` chunk for one context: (length, flags) descriptors.
-pub fn put_block_status_chunk(out: &mut impl BufMut, cookie: u64, context: u32, extents: &[(u32, u32)]) {
+pub fn put_block_status_chunk(
+    out: &mut impl BufMut,
+    cookie: u64,
+    context: u32,
+    extents: &[(u32, u32)],
+) {
     let len = 4 + 8 * extents.len() as u32;
     put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len);
     out.put_u32(context);

@@ -26,7 +26,9 @@ impl FromStr for ListenAddr {
             .rsplit_once(':')
             .ok_or_else(|| format!("{s:?} is not HOST:PORT or unix:PATH"))?;
         if host.is_empty() {
-            return Err(format!("{s:?} has no host (use 0.0.0.0:{port} for all addresses)"));
+            return Err(format!(
+                "{s:?} has no host (use 0.0.0.0:{port} for all addresses)"
+            ));
         }
         port.parse::<u16>()
             .map_err(|_| format!("{s:?}: port {port:?} is not a number from 0 to 65535"))?;
@@ -116,7 +118,10 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert_eq!("127.0.0.1:10809".parse(), Ok(ListenAddr::Tcp("127.0.0.1:10809".into())));
+        assert_eq!(
+            "127.0.0.1:10809".parse(),
+            Ok(ListenAddr::Tcp("127.0.0.1:10809".into()))
+        );
         assert_eq!("[::1]:1".parse(), Ok(ListenAddr::Tcp("[::1]:1".into())));
         assert_eq!("unix:/tmp/x".parse(), Ok(ListenAddr::Unix("/tmp/x".into())));
         assert!("unix:".parse::<ListenAddr>().is_err());

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use nbd_wire::consts::*;
 use nbd_wire::transmission::{
-    nbd_error_from_errno, put_block_status_chunk, put_error_chunk, put_none_chunk, put_offset_data_header,
-    put_simple_reply, MAX_SKIPPED_PAYLOAD, REQUEST_LEN,
+    nbd_error_from_errno, put_block_status_chunk, put_error_chunk, put_none_chunk,
+    put_offset_data_header, put_simple_reply, MAX_SKIPPED_PAYLOAD, REQUEST_LEN,
 };
 use nbd_wire::{validate, Command, ExportLimits, Negotiated, RequestHeader};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -33,9 +33,17 @@ enum Reply {
     /// Completion without data: success, or an error for any command.
     Done { cookie: u64, error: u32, read: bool },
     /// A successful READ.
-    Data { cookie: u64, offset: u64, data: Bytes },
+    Data {
+        cookie: u64,
+        offset: u64,
+        data: Bytes,
+    },
     /// A successful BLOCK_STATUS for `base:allocation`.
-    Extents { cookie: u64, context: u32, extents: Vec<(u32, u32)> },
+    Extents {
+        cookie: u64,
+        context: u32,
+        extents: Vec<(u32, u32)>,
+    },
 }
 
 struct ClientCount(Arc<Export>);
@@ -112,14 +120,19 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 },
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             }
-            let h = RequestHeader::decode(&hdr).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let h = RequestHeader::decode(&hdr)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             match validate(&h, &self.limits) {
                 Ok(Command::Disconnect) => return Ok(()),
                 Ok(cmd) => self.start(h.cookie, cmd).await?,
                 Err(error) => {
                     self.skip_payload(h.payload_len()).await?;
                     let read = h.kind == CMD_READ;
-                    let _ = self.tx.send(Reply::Done { cookie: h.cookie, error, read });
+                    let _ = self.tx.send(Reply::Done {
+                        cookie: h.cookie,
+                        error,
+                        read,
+                    });
                 }
             }
         }
@@ -136,7 +149,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 format!("write payload of {len} bytes is beyond any limit; disconnecting"),
             ));
         }
-        let skipped = tokio::io::copy(&mut (&mut self.reader).take(u64::from(len)), &mut tokio::io::sink()).await?;
+        let skipped = tokio::io::copy(
+            &mut (&mut self.reader).take(u64::from(len)),
+            &mut tokio::io::sink(),
+        )
+        .await?;
         if skipped != u64::from(len) {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -149,7 +166,12 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             _ => 0,
         };
         let permits = Permits {
-            _request: self.in_flight.clone().acquire_owned().await.expect("semaphore never closed"),
+            _request: self
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed"),
             _bytes: self
                 .export
                 .budget
@@ -160,7 +182,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         };
         let payload = match cmd {
             Command::Write { length, .. } => {
-                let mut buf = AlignedBuf::new_zeroed(length as usize);
+                let mut buf = AlignedBuf::for_overwrite(length as usize);
                 // EOF inside the payload: the write is not applied, the connection ends.
                 self.reader.read_exact(buf.as_mut_slice()).await?;
                 Some(Bytes::from_owner(buf))
@@ -199,31 +221,55 @@ async fn execute(
     match cmd {
         Command::Read { length: 0, .. } => done(Ok(()), true),
         Command::Read { offset, length } => match store.read(offset, length as usize).await {
-            Ok(data) => Reply::Data { cookie, offset, data },
+            Ok(data) => Reply::Data {
+                cookie,
+                offset,
+                data,
+            },
             Err(e) => done(Err(e), true),
         },
         Command::Write { length: 0, .. } => done(Ok(()), false),
-        Command::Write { offset, fua, .. } => {
-            done(store.write(offset, payload.unwrap_or_default(), fua).await, false)
-        }
+        Command::Write { offset, fua, .. } => done(
+            store.write(offset, payload.unwrap_or_default(), fua).await,
+            false,
+        ),
         Command::Flush => done(store.flush().await, false),
-        Command::Trim { length: 0, .. } | Command::WriteZeroes { length: 0, .. } => done(Ok(()), false),
-        Command::Trim { offset, length, fua } => {
+        Command::Trim { length: 0, .. } | Command::WriteZeroes { length: 0, .. } => {
+            done(Ok(()), false)
+        }
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => {
             let mut r = store.discard(offset, u64::from(length)).await;
             if r.is_ok() && fua {
                 r = store.flush().await;
             }
             done(r, false)
         }
-        Command::WriteZeroes { offset, length, fua, no_hole } => {
-            let mut r = store.write_zeroes(offset, u64::from(length), !no_hole).await;
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+        } => {
+            let mut r = store
+                .write_zeroes(offset, u64::from(length), !no_hole)
+                .await;
             if r.is_ok() && fua {
                 r = store.flush().await;
             }
             done(r, false)
         }
-        Command::Cache { offset, length } => done(store.cache(offset, u64::from(length)).await, false),
-        Command::BlockStatus { offset, length, req_one } => {
+        Command::Cache { offset, length } => {
+            done(store.cache(offset, u64::from(length)).await, false)
+        }
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => {
             let max = if req_one { 1 } else { MAX_EXTENTS };
             match store.extents(offset, u64::from(length), max).await {
                 Ok(extents) => Reply::Extents {
@@ -295,7 +341,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 buf.clear();
                 w.write_all(&large).await?;
             }
-            next = if buf.len() < BATCH_LIMIT { rx.try_recv().ok() } else { None };
+            next = if buf.len() < BATCH_LIMIT {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if !buf.is_empty() {
             w.write_all(&buf).await?;
@@ -308,11 +358,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 /// Append a reply to `buf`. Returns data too large to copy, which must be written after `buf`.
 fn encode(buf: &mut Vec<u8>, reply: Reply, structured: bool) -> Option<Bytes> {
     let data = match reply {
-        Reply::Done { cookie, error: 0, read: true } if structured => {
+        Reply::Done {
+            cookie,
+            error: 0,
+            read: true,
+        } if structured => {
             put_none_chunk(buf, cookie);
             return None;
         }
-        Reply::Done { cookie, error, read: true } if structured => {
+        Reply::Done {
+            cookie,
+            error,
+            read: true,
+        } if structured => {
             put_error_chunk(buf, cookie, error, error_text(error));
             return None;
         }
@@ -320,11 +378,19 @@ fn encode(buf: &mut Vec<u8>, reply: Reply, structured: bool) -> Option<Bytes> {
             put_simple_reply(buf, cookie, error);
             return None;
         }
-        Reply::Extents { cookie, context, extents } => {
+        Reply::Extents {
+            cookie,
+            context,
+            extents,
+        } => {
             put_block_status_chunk(buf, cookie, context, &extents);
             return None;
         }
-        Reply::Data { cookie, offset, data } => {
+        Reply::Data {
+            cookie,
+            offset,
+            data,
+        } => {
             if structured {
                 put_offset_data_header(buf, cookie, offset, data.len() as u32);
             } else {
@@ -351,12 +417,24 @@ mod tests {
 
     #[test]
     fn descriptors_merge_clip_and_obey_req_one() {
-        let e = [ext(4096, true), ext(4096, true), ext(8192, false), ext(1 << 40, true)];
+        let e = [
+            ext(4096, true),
+            ext(4096, true),
+            ext(8192, false),
+            ext(1 << 40, true),
+        ];
         assert_eq!(
             descriptors(&e, 1 << 20, false),
-            vec![(8192, STATE_HOLE | STATE_ZERO), (8192, 0), (1 << 20, STATE_HOLE | STATE_ZERO)]
+            vec![
+                (8192, STATE_HOLE | STATE_ZERO),
+                (8192, 0),
+                (1 << 20, STATE_HOLE | STATE_ZERO)
+            ]
         );
-        assert_eq!(descriptors(&e, 512, true), vec![(512, STATE_HOLE | STATE_ZERO)]);
+        assert_eq!(
+            descriptors(&e, 512, true),
+            vec![(512, STATE_HOLE | STATE_ZERO)]
+        );
         assert_eq!(descriptors(&[], 100, false), vec![(100, 0)]);
         assert_eq!(descriptors(&[ext(0, false)], 100, true), vec![(100, 0)]);
     }
@@ -364,14 +442,38 @@ mod tests {
     #[test]
     fn structured_reads_never_get_simple_replies() {
         let mut buf = Vec::new();
-        encode(&mut buf, Reply::Done { cookie: 1, error: EINVAL, read: true }, true);
+        encode(
+            &mut buf,
+            Reply::Done {
+                cookie: 1,
+                error: EINVAL,
+                read: true,
+            },
+            true,
+        );
         assert_eq!(&buf[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
         assert_eq!(&buf[6..8], &REPLY_TYPE_ERROR.to_be_bytes());
         buf.clear();
-        encode(&mut buf, Reply::Done { cookie: 1, error: 0, read: true }, true);
+        encode(
+            &mut buf,
+            Reply::Done {
+                cookie: 1,
+                error: 0,
+                read: true,
+            },
+            true,
+        );
         assert_eq!(&buf[6..8], &REPLY_TYPE_NONE.to_be_bytes());
         buf.clear();
-        encode(&mut buf, Reply::Done { cookie: 1, error: EINVAL, read: false }, true);
+        encode(
+            &mut buf,
+            Reply::Done {
+                cookie: 1,
+                error: EINVAL,
+                read: false,
+            },
+            true,
+        );
         assert_eq!(&buf[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
     }
 
@@ -379,7 +481,15 @@ mod tests {
     fn large_read_data_is_not_copied() {
         let mut buf = Vec::new();
         let data = Bytes::from(vec![7u8; COPY_LIMIT + 1]);
-        let rest = encode(&mut buf, Reply::Data { cookie: 1, offset: 0, data: data.clone() }, false);
+        let rest = encode(
+            &mut buf,
+            Reply::Data {
+                cookie: 1,
+                offset: 0,
+                data: data.clone(),
+            },
+            false,
+        );
         assert_eq!(buf.len(), 16);
         assert_eq!(rest, Some(data));
     }

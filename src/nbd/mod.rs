@@ -40,7 +40,11 @@ pub struct Export {
 
 impl Export {
     pub fn new(name: String, store: SharedStore, read_only: bool) -> Arc<Self> {
-        let description = format!("tandem {} export ({})", env!("CARGO_PKG_VERSION"), store.engine());
+        let description = format!(
+            "tandem {} export ({})",
+            env!("CARGO_PKG_VERSION"),
+            store.engine()
+        );
         Arc::new(Self {
             name,
             description,
@@ -83,7 +87,10 @@ impl ExportCatalog for &Export {
         if !name.is_empty() && name != self.name {
             return Err(Refusal {
                 code: REP_ERR_UNKNOWN,
-                message: format!("no export named {name:?}; this server exports {:?}", self.name),
+                message: format!(
+                    "no export named {name:?}; this server exports {:?}",
+                    self.name
+                ),
             });
         }
         Ok(ExportInfo {
@@ -140,18 +147,29 @@ pub async fn serve(
 
 fn client_went_away(e: &io::Error) -> bool {
     use io::ErrorKind::*;
-    matches!(e.kind(), BrokenPipe | ConnectionReset | NotConnected | UnexpectedEof)
+    matches!(
+        e.kind(),
+        BrokenPipe | ConnectionReset | NotConnected | UnexpectedEof
+    )
 }
 
-async fn handle_client(stream: Stream, export: &Arc<Export>, shutdown: watch::Receiver<bool>) -> io::Result<()> {
+async fn handle_client(
+    stream: Stream,
+    export: &Arc<Export>,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
     match stream {
         Stream::Tcp(mut s) => {
-            let Some(neg) = negotiate(&mut s, export).await? else { return Ok(()) };
+            let Some(neg) = negotiate(&mut s, export).await? else {
+                return Ok(());
+            };
             let (r, w) = s.into_split();
             conn::run(r, w, neg, export.clone(), shutdown).await
         }
         Stream::Unix(mut s) => {
-            let Some(neg) = negotiate(&mut s, export).await? else { return Ok(()) };
+            let Some(neg) = negotiate(&mut s, export).await? else {
+                return Ok(());
+            };
             let (r, w) = s.into_split();
             conn::run(r, w, neg, export.clone(), shutdown).await
         }
@@ -159,7 +177,10 @@ async fn handle_client(stream: Stream, export: &Arc<Export>, shutdown: watch::Re
 }
 
 /// Drive the handshake machine over the socket. `None` when the client aborted.
-async fn negotiate<S>(stream: &mut S, export: &Arc<Export>) -> io::Result<Option<nbd_wire::Negotiated>>
+async fn negotiate<S>(
+    stream: &mut S,
+    export: &Arc<Export>,
+) -> io::Result<Option<nbd_wire::Negotiated>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -174,7 +195,10 @@ where
             let want = hs.wants().min(buf.len());
             let n = stream.read(&mut buf[..want]).await?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client closed during handshake"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed during handshake",
+                ));
             }
             let (_, outcome) = hs
                 .receive(&buf[..n])
@@ -195,6 +219,9 @@ where
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out")),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "handshake timed out",
+        )),
     }
 }

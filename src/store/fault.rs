@@ -79,7 +79,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => 1e6,
         "s" => 1e9,
         "m" | "min" => 60e9,
-        _ => return Err(format!("bad delay unit {unit:?} in {s:?} (ns, us, ms, s, m)")),
+        _ => {
+            return Err(format!(
+                "bad delay unit {unit:?} in {s:?} (ns, us, ms, s, m)"
+            ))
+        }
     };
     let ns = (n * ns_per_unit).round();
     if !(0.0..=u64::MAX as f64).contains(&ns) {
@@ -355,7 +359,11 @@ mod tests {
             FaultAction::Delay(Duration::from_micros(100))
         );
         // Display round-trips.
-        for s in ["write:1M-2M:eio", "read:0-4K:delay=50ms", "any:0-1T:errno=61"] {
+        for s in [
+            "write:1M-2M:eio",
+            "read:0-4K:delay=50ms",
+            "any:0-1T:errno=61",
+        ] {
             let r = FaultRule::parse(s).unwrap();
             assert_eq!(FaultRule::parse(&r.to_string()).unwrap(), r);
         }
@@ -437,7 +445,9 @@ mod tests {
         // The failed write must not have reached the inner store.
         assert_eq!(&inner.read(65536 + 100, 10).await.unwrap()[..], &[0u8; 10]);
         // Outside the range and other op kinds pass through.
-        fs.write(0, Bytes::from(vec![7u8; 4096]), false).await.unwrap();
+        fs.write(0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
         assert_eq!(&fs.read(0, 4096).await.unwrap()[..], &[7u8; 4096][..]);
         fs.read(65536, 4096).await.unwrap();
         fs.flush().await.unwrap();
@@ -453,30 +463,37 @@ mod tests {
             .await
             .unwrap();
         fs.flush().await.unwrap();
-        assert_eq!(&inner.read(65536, 4096).await.unwrap()[..], &[3u8; 4096][..]);
+        assert_eq!(
+            &inner.read(65536, 4096).await.unwrap()[..],
+            &[3u8; 4096][..]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn delay_is_observed() {
         let dir = tempfile::tempdir().unwrap();
         let (fs, _) = store(&dir);
-        fs.add_rule(FaultRule::parse("read:0-4K:delay=150ms").unwrap());
+        fs.add_rule(FaultRule::parse("read:0-4K:delay=300ms").unwrap());
 
         let t = Instant::now();
         fs.read(8192, 4096).await.unwrap();
         let fast = t.elapsed();
-        assert!(fast < Duration::from_millis(150), "{fast:?}");
+        assert!(fast < Duration::from_millis(300), "{fast:?}");
 
         let t = Instant::now();
         let data = fs.read(0, 4096).await.unwrap();
-        assert!(t.elapsed() >= Duration::from_millis(150), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(data.len(), 4096);
 
         // A delay and an error together: delay first, then fail.
         fs.add_rule(FaultRule::parse("read:0-4K:eio").unwrap());
         let t = Instant::now();
         let e = fs.read(0, 1).await.unwrap_err();
-        assert!(t.elapsed() >= Duration::from_millis(150));
+        assert!(t.elapsed() >= Duration::from_millis(300));
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
     }
 }

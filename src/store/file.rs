@@ -5,8 +5,9 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use super::buf::{is_aligned, AlignedBuf, ALIGN};
+use super::buf::{is_aligned, AlignedBuf};
 use super::Extent;
 
 #[derive(Debug, Clone, Default)]
@@ -55,7 +56,10 @@ pub fn open_backing(path: &Path, opts: &BackingOptions) -> io::Result<Backing> {
     let create = match &meta {
         Some(m) if m.is_dir() => return Err(invalid(path, "is a directory".into())),
         Some(m) if !m.is_file() && !m.file_type().is_block_device() => {
-            return Err(invalid(path, "is neither a regular file nor a block device".into()))
+            return Err(invalid(
+                path,
+                "is neither a regular file nor a block device".into(),
+            ))
         }
         Some(_) => false,
         None if opts.read_only => {
@@ -178,10 +182,9 @@ pub(crate) fn is_unsupported(err: &io::Error) -> bool {
 /// A direct write needs an aligned buffer; copying is cheaper than falling back to the page
 /// cache when only the buffer address is off.
 pub(crate) fn needs_aligned_copy(offset: u64, data: &[u8]) -> bool {
-    offset % ALIGN as u64 == 0
-        && data.len() % ALIGN == 0
-        && !data.is_empty()
-        && (data.as_ptr() as usize) % ALIGN != 0
+    !data.is_empty()
+        && is_aligned(offset, data.len(), std::ptr::null())
+        && !is_aligned(0, 0, data.as_ptr())
 }
 
 fn lseek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<u64> {
@@ -305,7 +308,12 @@ pub(crate) fn zero_chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u
 }
 
 /// Make a range read as zero: punch (if allowed), zero-range, else write zeroes.
-pub(crate) fn write_zeroes_sync(b: &Backing, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
+pub(crate) fn write_zeroes_sync(
+    b: &Backing,
+    offset: u64,
+    len: u64,
+    may_trim: bool,
+) -> io::Result<()> {
     if may_trim {
         match fallocate(&b.file, PUNCH_MODE, offset, len) {
             Err(e) if is_unsupported(&e) => {}
@@ -327,27 +335,77 @@ pub(crate) fn write_zeroes_by_writing(b: &Backing, offset: u64, len: u64) -> io:
     Ok(())
 }
 
-fn pick<'a>(b: &'a Backing, offset: u64, buf: *const u8, len: usize) -> &'a File {
+fn pick(b: &Backing, offset: u64, buf: *const u8, len: usize) -> &File {
     match &b.direct {
         Some(d) if is_aligned(offset, len, buf) => d,
         _ => &b.file,
     }
 }
 
-/// Fill `buf` from `offset`; bytes past end of file stay as they are (callers pass zeroes).
+/// Fill `buf` from `offset`; bytes past end of file read as zero.
 pub(crate) fn pread_full(b: &Backing, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
         let pos = offset + done as u64;
         match pick(b, pos, rest.as_ptr(), rest.len()).read_at(rest, pos) {
-            Ok(0) => break,
+            Ok(0) => {
+                rest.fill(0);
+                break;
+            }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Largest read tried inline from the page cache (bigger copies would stall the caller's
+/// tokio worker).
+pub(crate) const INLINE_READ_MAX: usize = 64 << 10;
+
+/// Try a small buffered read from the page cache on the calling thread with
+/// `preadv2(RWF_NOWAIT)`, which never waits for the device. A cached 4 KiB read then costs
+/// one syscall instead of two thread hand-offs. Returns how many leading bytes of `buf` are
+/// done (all of them at end of file, zero-filled); the caller reads the rest as usual.
+/// Clears `enabled` where the kernel or file system lacks RWF_NOWAIT.
+pub(crate) fn read_cached(b: &Backing, enabled: &AtomicBool, offset: u64, buf: &mut [u8]) -> usize {
+    if buf.len() > INLINE_READ_MAX
+        || !enabled.load(Relaxed)
+        || (b.direct.is_some() && is_aligned(offset, buf.len(), buf.as_ptr()))
+    {
+        return 0;
+    }
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov points at `buf`, which outlives the call.
+    let r = unsafe {
+        libc::preadv2(
+            b.file.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    match r {
+        0 => {
+            buf.fill(0); // at or past end of file
+            buf.len()
+        }
+        n if n > 0 => n as usize,
+        _ => {
+            // EAGAIN: not cached. Anything else: the normal path reports it.
+            let e = io::Error::last_os_error().raw_os_error();
+            if matches!(e, Some(libc::EOPNOTSUPP | libc::ENOSYS)) {
+                enabled.store(false, Relaxed);
+            }
+            0
+        }
+    }
 }
 
 fn pwrite_once(file: &File, data: &[u8], offset: u64, fua: bool) -> io::Result<usize> {
@@ -424,6 +482,7 @@ pub(crate) fn fadvise_willneed(file: &File, offset: u64, len: u64) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::buf::ALIGN;
 
     fn opts(size: Option<u64>) -> BackingOptions {
         BackingOptions {
@@ -474,7 +533,11 @@ mod tests {
 
         let clipped = open_backing(&path, &opts(Some(4096))).unwrap();
         assert_eq!(clipped.size, 4096);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 10_000, "clip must not truncate");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            10_000,
+            "clip must not truncate"
+        );
 
         let grown = open_backing(&path, &opts(Some(1 << 20))).unwrap();
         assert_eq!(grown.size, 1 << 20);
@@ -505,7 +568,9 @@ mod tests {
             read_only: true,
             direct: false,
         };
-        let msg = open_backing(&path, &ro(Some(8192))).unwrap_err().to_string();
+        let msg = open_backing(&path, &ro(Some(8192)))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("read-only") && msg.contains("ro"), "{msg}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
         let b = open_backing(&path, &ro(None)).unwrap();
@@ -556,24 +621,49 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                Extent { length: 1 << 20, hole: true },
-                Extent { length: 8192, hole: false },
-                Extent { length: (7 << 20) - 8192, hole: true },
-                Extent { length: 4096, hole: false },
-                Extent { length: (8 << 20) - 4096, hole: true },
+                Extent {
+                    length: 1 << 20,
+                    hole: true
+                },
+                Extent {
+                    length: 8192,
+                    hole: false
+                },
+                Extent {
+                    length: (7 << 20) - 8192,
+                    hole: true
+                },
+                Extent {
+                    length: 4096,
+                    hole: false
+                },
+                Extent {
+                    length: (8 << 20) - 4096,
+                    hole: true
+                },
             ]
         );
         // Block devices are reported as one data extent; requests are clipped to size.
         let e = extents_sync(&b.file, true, 4096, 1 << 40, b.size, 8).unwrap();
-        assert_eq!(e, vec![Extent { length: (16 << 20) - 4096, hole: false }]);
-        assert!(extents_sync(&b.file, false, 0, 0, b.size, 8).unwrap().is_empty());
+        assert_eq!(
+            e,
+            vec![Extent {
+                length: (16 << 20) - 4096,
+                hole: false
+            }]
+        );
+        assert!(extents_sync(&b.file, false, 0, 0, b.size, 8)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn zero_chunks_are_bounded_and_aligned() {
         let chunks: Vec<_> = zero_chunks(100, 3 << 20).collect();
         assert_eq!(chunks[0], (100, ZERO_CHUNK - 100));
-        assert!(chunks[1..].iter().all(|&(p, n)| p % ZERO_CHUNK as u64 == 0 && n <= ZERO_CHUNK));
+        assert!(chunks[1..]
+            .iter()
+            .all(|&(p, n)| p % ZERO_CHUNK as u64 == 0 && n <= ZERO_CHUNK));
         assert_eq!(chunks.iter().map(|c| c.1 as u64).sum::<u64>(), 3 << 20);
         assert_eq!(zero_chunks(0, 0).count(), 0);
         assert_eq!(zeroes(ZERO_CHUNK).as_ptr() as usize % ALIGN, 0);

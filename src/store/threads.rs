@@ -2,25 +2,29 @@
 //! Used where io_uring is unavailable (old kernels, seccomp profiles).
 
 use std::io;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::buf::AlignedBuf;
 use super::file::{
-    check_range, extents_sync, fadvise_willneed, pread_full, punch_hole, pwrite_all,
+    check_range, extents_sync, fadvise_willneed, pread_full, punch_hole, pwrite_all, read_cached,
     read_only_error, write_zeroes_sync, Backing,
 };
 use super::{BlockStore, Extent, IoFuture};
 
 pub struct ThreadStore {
     backing: Arc<Backing>,
+    /// preadv2(RWF_NOWAIT) works on this file (see read_cached).
+    nowait_reads: AtomicBool,
 }
 
 impl ThreadStore {
     pub fn new(backing: Backing) -> ThreadStore {
         ThreadStore {
             backing: Arc::new(backing),
+            nowait_reads: AtomicBool::new(true),
         }
     }
 
@@ -53,15 +57,21 @@ impl BlockStore for ThreadStore {
     }
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
-        if let Err(e) = check_range(self.backing.size, offset, len as u64) {
-            return Box::pin(async move { Err(e) });
-        }
-        if len == 0 {
-            return Box::pin(async { Ok(Bytes::new()) });
-        }
-        self.run(move |b| {
-            let mut buf = AlignedBuf::new_zeroed(len);
-            pread_full(b, buf.as_mut_slice(), offset)?;
+        Box::pin(async move {
+            check_range(self.backing.size, offset, len as u64)?;
+            if len == 0 {
+                return Ok(Bytes::new());
+            }
+            let mut buf = AlignedBuf::for_overwrite(len);
+            let done = read_cached(&self.backing, &self.nowait_reads, offset, &mut buf);
+            if done < len {
+                buf = self
+                    .run(move |b| {
+                        pread_full(b, &mut buf[done..], offset + done as u64)?;
+                        Ok(buf)
+                    })
+                    .await?;
+            }
             Ok(buf.into_bytes())
         })
     }
@@ -102,14 +112,7 @@ impl BlockStore for ThreadStore {
 
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> IoFuture<'_, Vec<Extent>> {
         self.run(move |b| {
-            extents_sync(
-                &b.file,
-                b.is_block_device,
-                offset,
-                len,
-                b.size,
-                max_extents,
-            )
+            extents_sync(&b.file, b.is_block_device, offset, len, b.size, max_extents)
         })
     }
 

@@ -1,6 +1,6 @@
 //! The io_uring engine: one ring, owned by one thread, fed by any number of tokio tasks.
 //!
-//! Submitters push an [`Op`] onto a shared queue and await a oneshot. The ring thread drains
+//! Submitters push an `Op` onto a shared queue and await a oneshot. The ring thread drains
 //! the queue, turns the ops into SQEs and does one `io_uring_enter` per loop iteration, which
 //! both submits the batch and waits for completions. An eventfd READ is kept armed on the
 //! ring, so a thread blocked in the kernel wakes when a submitter writes the eventfd; the
@@ -9,9 +9,11 @@
 //! Lost-wakeup argument: the ring thread stores `sleeping = true` and then inspects the
 //! queue under its mutex; a submitter pushes under the mutex and then swaps `sleeping` to
 //! false. If the ring's inspection came after the push, it sees the op and does not block.
-//! Otherwise store(true) → inspection → push → swap is a happens-before chain, so the swap
-//! reads true (or a later false, written by the ring itself after waking or by another
-//! submitter that already wrote the eventfd) and the eventfd write completes the armed READ.
+//! Otherwise store(true) → inspection → push → load/swap is a happens-before chain, so the
+//! submitter reads true and writes the eventfd (which completes the armed READ, or makes it
+//! complete at once if the ring has not entered the kernel yet), or it reads a later false,
+//! written by the ring after waking or by another submitter that wrote the eventfd after the
+//! ring's store; either way the ring wakes and drains the queue.
 //!
 //! Every in-flight op lives in a slab slot that owns its buffer until the CQE is reaped, so
 //! a caller dropping its future never frees memory the kernel still reads or writes.
@@ -30,7 +32,7 @@ use tokio::sync::oneshot;
 
 use super::buf::{is_aligned, AlignedBuf};
 use super::file::{
-    check_range, extents_sync, fadvise_willneed, is_unsupported, needs_aligned_copy,
+    check_range, extents_sync, fadvise_willneed, is_unsupported, needs_aligned_copy, read_cached,
     read_only_error, zero_chunks, zeroes, Backing, PUNCH_MODE, ZERO_MODE,
 };
 use super::{BlockStore, Extent, IoFuture};
@@ -126,6 +128,8 @@ fn thread_gone() -> io::Error {
 pub struct UringStore {
     shared: Arc<Shared>,
     backing: Arc<Backing>,
+    /// preadv2(RWF_NOWAIT) works on this file (see read_cached).
+    nowait_reads: AtomicBool,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -239,6 +243,7 @@ impl UringStore {
         Ok(UringStore {
             shared,
             backing,
+            nowait_reads: AtomicBool::new(true),
             thread: Some(thread),
         })
     }
@@ -321,11 +326,12 @@ impl BlockStore for UringStore {
             if len == 0 {
                 return Ok(Bytes::new());
             }
-            let req = Req::Read {
-                offset,
-                buf: AlignedBuf::new_zeroed(len),
-                done: 0,
-            };
+            let mut buf = AlignedBuf::for_overwrite(len);
+            let done = read_cached(&self.backing, &self.nowait_reads, offset, &mut buf);
+            if done == len {
+                return Ok(buf.into_bytes());
+            }
+            let req = Req::Read { offset, buf, done };
             let buf = self.call(req).await?.expect("a read returns its buffer");
             Ok(buf.into_bytes())
         })
@@ -391,14 +397,7 @@ impl BlockStore for UringStore {
 
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> IoFuture<'_, Vec<Extent>> {
         self.blocking(move |b| {
-            extents_sync(
-                &b.file,
-                b.is_block_device,
-                offset,
-                len,
-                b.size,
-                max_extents,
-            )
+            extents_sync(&b.file, b.is_block_device, offset, len, b.size, max_extents)
         })
     }
 
@@ -460,8 +459,9 @@ struct Ring {
     retry: Vec<usize>,
     incoming: Vec<Op>,
     cqes: Vec<(u64, i32)>,
-    /// The kernel writes the eventfd counter here while the READ is armed.
-    efd_buf: Box<u64>,
+    /// The kernel writes the eventfd counter here while the READ is armed (a raw
+    /// allocation, since the kernel writes it behind Rust's back).
+    efd_buf: *mut u64,
     efd_armed: bool,
 }
 
@@ -488,7 +488,7 @@ impl Ring {
             retry: Vec::new(),
             incoming: Vec::new(),
             cqes: Vec::new(),
-            efd_buf: Box::new(0),
+            efd_buf: Box::into_raw(Box::new(0)),
             efd_armed: false,
         })
     }
@@ -549,7 +549,7 @@ impl Ring {
     fn arm_eventfd(&mut self) -> io::Result<()> {
         let entry = opcode::Read::new(
             types::Fd(self.shared.eventfd.as_raw_fd()),
-            (&mut *self.efd_buf as *mut u64).cast(),
+            self.efd_buf.cast(),
             mem::size_of::<u64>() as u32,
         )
         .build()
@@ -636,11 +636,7 @@ impl Ring {
 
     fn reap(&mut self) -> io::Result<()> {
         let mut cqes = mem::take(&mut self.cqes);
-        cqes.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result())),
-        );
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(token, res) in &cqes {
             self.complete(token, res)?;
         }
@@ -658,7 +654,9 @@ impl Ring {
             return Ok(());
         }
         let idx = token as usize;
-        let op = self.slots[idx].as_mut().expect("completion for a live slot");
+        let op = self.slots[idx]
+            .as_mut()
+            .expect("completion for a live slot");
         let outcome = if res < 0 {
             match -res {
                 libc::EAGAIN | libc::EINTR => None,
@@ -667,8 +665,11 @@ impl Ring {
         } else {
             let n = res as usize;
             match &mut op.req {
-                // EOF: the rest of the (zeroed) buffer reads as zero.
-                Req::Read { .. } if n == 0 => Some(Ok(())),
+                // EOF: the rest reads as zero.
+                Req::Read { buf, done, .. } if n == 0 => {
+                    buf[*done..].fill(0);
+                    Some(Ok(()))
+                }
                 Req::Read { buf, done, .. } => {
                     *done += n;
                     (*done >= buf.len()).then_some(Ok(()))
@@ -708,8 +709,9 @@ impl Drop for Ring {
                 mem::forget(op.req);
             }
         }
-        if self.efd_armed {
-            mem::forget(mem::replace(&mut self.efd_buf, Box::new(0)));
+        if !self.efd_armed {
+            // SAFETY: allocated by Box::into_raw in new(), and the kernel is done with it.
+            drop(unsafe { Box::from_raw(self.efd_buf) });
         }
     }
 }

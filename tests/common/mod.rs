@@ -28,7 +28,12 @@ pub struct ServerOpts<'a> {
 
 impl Default for ServerOpts<'_> {
     fn default() -> Self {
-        Self { size: 64 * MIB, export: "", tcp: false, extra: &[] }
+        Self {
+            size: 64 * MIB,
+            export: "",
+            tcp: false,
+            extra: &[],
+        }
     }
 }
 
@@ -38,7 +43,11 @@ pub fn tandem_bin() -> &'static str {
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
@@ -74,7 +83,13 @@ impl Server {
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn tandem");
-        let server = Server { child, dir, disk, listen, export: opts.export.to_owned() };
+        let server = Server {
+            child,
+            dir,
+            disk,
+            listen,
+            export: opts.export.to_owned(),
+        };
         server.wait_ready();
         server
     }
@@ -89,7 +104,11 @@ impl Server {
             if ok {
                 return;
             }
-            assert!(Instant::now() < deadline, "tandem did not start listening on {}", self.listen);
+            assert!(
+                Instant::now() < deadline,
+                "tandem did not start listening on {}",
+                self.listen
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
