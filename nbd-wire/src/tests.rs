@@ -1,3 +1,6 @@
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
 use bytes::BufMut;
 use proptest::prelude::*;
 
@@ -5,6 +8,36 @@ use crate::consts::*;
 use crate::handshake::{MAX_BUFFERED_OPTION, MAX_OPTIONS, MAX_OPTION_LEN};
 use crate::transmission::*;
 use crate::*;
+
+/// Records the largest single allocation made by the current thread, so property tests can
+/// prove the decoders never allocate beyond their declared caps whatever the input says.
+struct TrackingAlloc;
+
+thread_local! {
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    let _ = LARGEST.try_with(|m| m.set(m.get().max(size)));
+}
+
+// SAFETY: delegates to the system allocator; only observes sizes.
+unsafe impl GlobalAlloc for TrackingAlloc {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        note(l.size());
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        note(new);
+        System.realloc(p, l, new)
+    }
+}
+
+#[global_allocator]
+static ALLOC: TrackingAlloc = TrackingAlloc;
 
 struct OneExport;
 
@@ -482,10 +515,11 @@ proptest! {
         chunk in 1usize..64,
         flags in 0u32..4,
     ) {
-        let mut hs = ServerHandshake::new(OneExport);
-        hs.take_output();
         let mut input = flags.to_be_bytes().to_vec();
         input.extend_from_slice(&data);
+        LARGEST.with(|m| m.set(0));
+        let mut hs = ServerHandshake::new(OneExport);
+        hs.take_output();
         let mut fed = 0;
         for piece in input.chunks(chunk) {
             match hs.receive(piece) {
@@ -500,6 +534,30 @@ proptest! {
             hs.take_output();
         }
         prop_assert!(fed <= input.len());
+        let largest = LARGEST.with(|m| m.get());
+        prop_assert!(largest <= MAX_BUFFERED_OPTION as usize, "allocated {} bytes", largest);
+    }
+
+    /// Option headers may declare any length; only known options up to the buffering cap
+    /// are ever allocated for, and longer ones are skipped or refused.
+    #[test]
+    fn declared_option_lengths_never_drive_allocation(
+        opt in 0u32..16,
+        len in prop_oneof![0u32..=2 * MAX_OPTION_LEN, any::<u32>()],
+    ) {
+        let mut hs = started(3);
+        let mut hdr = Vec::new();
+        hdr.put_u64(IHAVEOPT);
+        hdr.put_u32(opt);
+        hdr.put_u32(len);
+        LARGEST.with(|m| m.set(0));
+        let r = hs.receive(&hdr);
+        let largest = LARGEST.with(|m| m.get());
+        prop_assert!(largest <= MAX_BUFFERED_OPTION as usize, "allocated {} bytes", largest);
+        if len > MAX_OPTION_LEN {
+            prop_assert!(r.is_err());
+        }
+        prop_assert!(hs.wants() <= (MAX_BUFFERED_OPTION as usize).max(64 * 1024));
     }
 
     /// Well-formed option streams with random options and payloads always parse in step.
