@@ -1,6 +1,8 @@
 //! tandem: a DRBD-style replicated block device exported over NBD.
 
 pub mod cli;
+pub mod meta;
 pub mod nbd;
+pub mod node;
 pub mod store;
 pub mod units;

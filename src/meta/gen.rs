@@ -1,0 +1,80 @@
+//! Generation identifiers: the history of a node's data (DRBD's "UUIDs").
+
+use serde::{Deserialize, Serialize};
+
+/// `create-md` writes this as the current generation: "never synced".
+pub const JUST_CREATED: u64 = 4;
+/// Bit 0 of a generation records "was primary"; every comparison masks it out.
+pub const PRIMARY_BIT: u64 = 1;
+
+/// current / bitmap / two history slots, as in DRBD 8.4's two-node model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Generations {
+    pub current: u64,
+    /// The generation the out-of-sync bitmap tracks changes against; 0 while in sync.
+    pub bitmap: u64,
+    pub history: [u64; 2],
+}
+
+impl Generations {
+    pub fn just_created() -> Self {
+        Self { current: JUST_CREATED, bitmap: 0, history: [0, 0] }
+    }
+
+    /// A fresh random generation (bit 0 clear, never 0 or JUST_CREATED).
+    pub fn random() -> u64 {
+        loop {
+            let mut b = [0u8; 8];
+            getrandom::getrandom(&mut b).expect("the kernel's random source");
+            let v = u64::from_le_bytes(b) & !PRIMARY_BIT;
+            if v > JUST_CREATED {
+                return v;
+            }
+        }
+    }
+
+    /// Shift history: H1 := H0, H0 := `value`.
+    fn push_history(&mut self, value: u64) {
+        self.history[1] = self.history[0];
+        self.history[0] = value;
+    }
+
+    /// Start a new data generation: B := C, C := new (DRBD's `uuid_new_current`). The caller
+    /// must persist the result before acknowledging any write of the new generation.
+    pub fn new_current(&mut self, primary: bool) {
+        if self.bitmap == 0 {
+            self.bitmap = self.current & !PRIMARY_BIT;
+        }
+        self.current = Self::random() | if primary { PRIMARY_BIT } else { 0 };
+    }
+
+    /// Clear the bitmap generation, moving it into history (resync finished / in sync).
+    pub fn clear_bitmap(&mut self) {
+        if self.bitmap != 0 {
+            let b = self.bitmap;
+            self.push_history(b);
+            self.bitmap = 0;
+        }
+    }
+
+    /// Set or clear the "was primary" bit on the current generation.
+    pub fn set_primary(&mut self, primary: bool) {
+        if primary {
+            self.current |= PRIMARY_BIT;
+        } else {
+            self.current &= !PRIMARY_BIT;
+        }
+    }
+
+    /// The sync target adopts the source's history after a successful resync.
+    pub fn adopt(&mut self, source: &Generations) {
+        self.current = source.current & !PRIMARY_BIT;
+        self.bitmap = 0;
+        self.history = source.history;
+    }
+}
+
+/// Format a generation as status and dump-md show it.
+pub fn hex(g: u64) -> String {
+    format!("{g:016X}")
+}

@@ -1,0 +1,1 @@
+//! Reconnect decision (written by a helper).
