@@ -14,6 +14,35 @@ pub mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
     pub const USAGE: u8 = 2;
+    pub const REFUSED: u8 = 3;
+    pub const UNREACHABLE: u8 = 4;
+}
+
+/// A failed command: its exit code and what to print.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            code: exit::ERROR,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self::error(message)
+    }
+}
+
+impl From<crate::config::ConfigError> for Failure {
+    fn from(e: crate::config::ConfigError) -> Self {
+        Self::error(e.to_string())
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -31,6 +60,95 @@ pub struct Cli {
 pub enum Command {
     /// Export a file or block device over NBD, without replication.
     Serve(ServeArgs),
+    /// Initialise this node's metadata (refuses to overwrite valid metadata without --force).
+    CreateMd {
+        #[command(flatten)]
+        res: ResourceArgs,
+        #[arg(long)]
+        force: bool,
+        /// Create (sparse) or check the backing disk at this size; default: the disk's size.
+        #[arg(long, value_name = "BYTES", value_parser = crate::units::parse_bytes)]
+        size: Option<u64>,
+    },
+    /// Run this node in the foreground until SIGTERM/SIGINT.
+    Up {
+        #[command(flatten)]
+        res: ResourceArgs,
+    },
+    /// Show one node's view of the resource.
+    Status {
+        #[command(flatten)]
+        res: ResourceArgs,
+        #[arg(long)]
+        json: bool,
+        /// Redraw every half second, with a resync progress bar.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Stream state changes as JSON lines until interrupted.
+    Events {
+        #[command(flatten)]
+        res: ResourceArgs,
+    },
+    /// Promote this node.
+    Primary {
+        #[command(flatten)]
+        res: ResourceArgs,
+        /// Promote without a proven up-to-date disk or outdated peer.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Demote this node.
+    Secondary {
+        #[command(flatten)]
+        res: ResourceArgs,
+    },
+    /// Bring the peer link up (clears a split-brain StandAlone).
+    Connect {
+        #[command(flatten)]
+        res: ResourceArgs,
+        /// Resolve a split brain by making this node a full-sync target.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Take the peer link down and stay StandAlone.
+    Disconnect {
+        #[command(flatten)]
+        res: ResourceArgs,
+    },
+    /// Discard this node's data and full-resync it from the peer.
+    Invalidate {
+        #[command(flatten)]
+        res: ResourceArgs,
+    },
+    /// Online verify against the peer; differing blocks become out of sync.
+    Verify {
+        #[command(flatten)]
+        res: ResourceArgs,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print on-disk metadata.
+    DumpMd {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ResourceArgs {
+    /// Resource config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "TANDEM_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: PathBuf,
+    /// This node's name in the config.
+    #[arg(short = 'n', long = "node", env = "TANDEM_NODE", value_name = "NAME")]
+    pub node: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -90,16 +208,209 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-    };
+    let result: Result<(), Failure> = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await.map_err(Failure::from),
+            Command::CreateMd { res, force, size } => create_md(&res, force, size),
+            Command::Up { res } => crate::node::up::up(&res.config, &res.node).await,
+            Command::Status { res, json, watch } => status(&res, json, watch).await,
+            Command::Events { res } => events(&res).await,
+            Command::Primary { res, force } => {
+                simple(&res, serde_json::json!({"cmd": "primary", "force": force})).await
+            }
+            Command::Secondary { res } => {
+                simple(&res, serde_json::json!({"cmd": "secondary"})).await
+            }
+            Command::Connect {
+                res,
+                discard_my_data,
+            } => {
+                simple(
+                    &res,
+                    serde_json::json!({"cmd": "connect", "discard_my_data": discard_my_data}),
+                )
+                .await
+            }
+            Command::Disconnect { res } => {
+                simple(&res, serde_json::json!({"cmd": "disconnect"})).await
+            }
+            Command::Invalidate { res } => {
+                simple(&res, serde_json::json!({"cmd": "invalidate"})).await
+            }
+            Command::Verify { res, wait } => verify(&res, wait).await,
+            Command::DumpMd { path, json } => dump_md(&path, json),
+        }
+    });
     match result {
         Ok(()) => ExitCode::from(exit::OK),
-        Err(e) => {
-            eprintln!("tandem: {e}");
-            ExitCode::from(exit::ERROR)
+        Err(f) => {
+            eprintln!("tandem: {}", f.message);
+            ExitCode::from(f.code)
         }
     }
+}
+
+fn create_md(res: &ResourceArgs, force: bool, size: Option<u64>) -> Result<(), Failure> {
+    let cfg = crate::config::Config::load(&res.config)?;
+    let me = cfg.node(&res.node)?;
+    let opts = BackingOptions {
+        size,
+        read_only: false,
+        direct: false,
+    };
+    let backing = store::open_backing(&me.disk, &opts).map_err(|e| e.to_string())?;
+    crate::meta::Meta::create_with(
+        &me.meta,
+        &cfg.resource.name,
+        &me.name,
+        backing.size,
+        cfg.activity_log.extents,
+        force,
+    )
+    .map_err(|e| Failure::error(e.to_string()))?;
+    println!(
+        "initialised metadata for {}/{} in {} ({} bytes of data)",
+        cfg.resource.name,
+        me.name,
+        me.meta.display(),
+        backing.size
+    );
+    Ok(())
+}
+
+fn dump_md(path: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let v = crate::meta::dump_file(path).map_err(|e| Failure::error(e.to_string()))?;
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Send one request to the node's control socket; refusals carry their exit code.
+async fn ask(res: &ResourceArgs, req: serde_json::Value) -> Result<serde_json::Value, Failure> {
+    let cfg = crate::config::Config::load(&res.config)?;
+    let path = cfg.node(&res.node)?.control.clone();
+    let reply = crate::control::request(&path, &req)
+        .await
+        .map_err(|e| Failure {
+            code: exit::UNREACHABLE,
+            message: format!(
+                "cannot reach node {} at {}: {e} (is `tandem up` running?)",
+                res.node,
+                path.display()
+            ),
+        })?;
+    if reply["ok"].as_bool() == Some(true) {
+        Ok(reply["result"].clone())
+    } else {
+        Err(Failure {
+            code: reply["code"].as_u64().map_or(exit::ERROR, |c| c as u8),
+            message: reply["error"].as_str().unwrap_or("refused").to_owned(),
+        })
+    }
+}
+
+async fn simple(res: &ResourceArgs, req: serde_json::Value) -> Result<(), Failure> {
+    let r = ask(res, req).await?;
+    if let Some(m) = r["message"].as_str() {
+        println!("{m}");
+    }
+    Ok(())
+}
+
+async fn verify(res: &ResourceArgs, wait: bool) -> Result<(), Failure> {
+    let r = ask(res, serde_json::json!({"cmd": "verify", "wait": wait})).await?;
+    match r["mismatched_bytes"].as_u64() {
+        Some(m) => println!(
+            "verify finished: {m} mismatched bytes of {}",
+            r["done_bytes"]
+        ),
+        None => println!("{}", r["message"].as_str().unwrap_or("")),
+    }
+    Ok(())
+}
+
+async fn events(res: &ResourceArgs) -> Result<(), Failure> {
+    let cfg = crate::config::Config::load(&res.config)?;
+    let path = cfg.node(&res.node)?.control.clone();
+    crate::control::stream_events(&path, |line| println!("{line}"))
+        .await
+        .map_err(|e| Failure {
+            code: exit::UNREACHABLE,
+            message: format!("cannot reach node {}: {e}", res.node),
+        })
+}
+
+async fn status(res: &ResourceArgs, json: bool, watch: bool) -> Result<(), Failure> {
+    loop {
+        let s = ask(res, serde_json::json!({"cmd": "status"})).await?;
+        if json {
+            println!("{s}");
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", render_status(&s));
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn render_status(s: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{} role:{} disk:{} connection:{}\n",
+        s["resource"].as_str().unwrap_or("?"),
+        s["role"].as_str().unwrap_or("?"),
+        s["disk"].as_str().unwrap_or("?"),
+        s["connection"].as_str().unwrap_or("?"),
+    );
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    out += &format!(
+        "  node {}  generation {}\n",
+        text(&s["node"]),
+        text(&s["generation"]["current"])
+    );
+    match s["peer"].as_object() {
+        Some(p) => {
+            out += &format!(
+                "  peer {} role:{} disk:{}\n",
+                text(&p["node"]),
+                text(&p["role"]),
+                text(&p["disk"])
+            )
+        }
+        None => out += "  peer not connected\n",
+    }
+    out += &format!("  out of sync: {} bytes\n", s["out_of_sync_bytes"]);
+    for (label, key) in [("resync", "resync"), ("verify", "verify")] {
+        if let Some(p) = s[key].as_object() {
+            let done = p["done_bytes"].as_u64().unwrap_or(0);
+            let total = p["total_bytes"].as_u64().unwrap_or(0).max(1);
+            let pct = (done as f64 / total as f64 * 100.0).min(100.0);
+            let bar: String = (0..40)
+                .map(|i| if (i as f64) < pct / 2.5 { '#' } else { '.' })
+                .collect();
+            out += &format!(
+                "  {label}: [{bar}] {pct:5.1}% {done}/{total} bytes, {} MiB/s\n",
+                p["bytes_per_sec"].as_u64().unwrap_or(0) / (1 << 20)
+            );
+        }
+    }
+    if s["split_brain"].as_bool() == Some(true) {
+        out += &format!(
+            "  SPLIT BRAIN: {}\n",
+            s["split_brain_detail"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(r) = s["last_refusal"].as_str() {
+        out += &format!("  refused: {r}\n");
+    }
+    out
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {

@@ -1,8 +1,11 @@
 //! tandem: a DRBD-style replicated block device exported over NBD.
 
 pub mod cli;
+pub mod config;
+pub mod control;
 pub mod meta;
 pub mod nbd;
 pub mod node;
+pub mod repl;
 pub mod store;
 pub mod units;

@@ -18,7 +18,11 @@ pub struct Generations {
 
 impl Generations {
     pub fn just_created() -> Self {
-        Self { current: JUST_CREATED, bitmap: 0, history: [0, 0] }
+        Self {
+            current: JUST_CREATED,
+            bitmap: 0,
+            history: [0, 0],
+        }
     }
 
     /// A fresh random generation (bit 0 clear, never 0 or JUST_CREATED).

@@ -36,10 +36,24 @@ pub struct Export {
     clients: AtomicUsize,
     /// Bounds memory held by payloads and read buffers across all connections.
     budget: Arc<Semaphore>,
+    /// Whether the export may be served now (a replicated secondary says no, naming the
+    /// primary); consulted for every INFO, GO and EXPORT_NAME.
+    gate: Option<Gate>,
 }
+
+pub type Gate = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl Export {
     pub fn new(name: String, store: SharedStore, read_only: bool) -> Arc<Self> {
+        Self::with_gate(name, store, read_only, None)
+    }
+
+    pub fn with_gate(
+        name: String,
+        store: SharedStore,
+        read_only: bool,
+        gate: Option<Gate>,
+    ) -> Arc<Self> {
         let description = format!(
             "tandem {} export ({})",
             env!("CARGO_PKG_VERSION"),
@@ -52,6 +66,7 @@ impl Export {
             read_only,
             clients: AtomicUsize::new(0),
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET_KIB)),
+            gate,
         })
     }
 
@@ -92,6 +107,12 @@ impl ExportCatalog for &Export {
                     self.name
                 ),
             });
+        }
+        if let Some(gate) = &self.gate {
+            gate().map_err(|message| Refusal {
+                code: REP_ERR_POLICY,
+                message,
+            })?;
         }
         Ok(ExportInfo {
             name: self.name.clone(),

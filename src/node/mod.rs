@@ -2,6 +2,8 @@
 
 pub mod decide;
 pub mod policy;
+pub mod runtime;
+pub mod up;
 
 use serde::{Deserialize, Serialize};
 

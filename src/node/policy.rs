@@ -64,7 +64,9 @@ impl FromStr for AfterSb1Pri {
             "disconnect" => Ok(Self::Disconnect),
             "consensus" => Ok(Self::Consensus),
             "discard-secondary" => Ok(Self::DiscardSecondary),
-            _ => Err(format!("{s:?}: expected disconnect, consensus or discard-secondary")),
+            _ => Err(format!(
+                "{s:?}: expected disconnect, consensus or discard-secondary"
+            )),
         }
     }
 }
@@ -105,10 +107,16 @@ mod tests {
 
     #[test]
     fn parses_policies() {
-        assert_eq!("discard-node-beta".parse(), Ok(AfterSb0Pri::DiscardNode("beta".into())));
+        assert_eq!(
+            "discard-node-beta".parse(),
+            Ok(AfterSb0Pri::DiscardNode("beta".into()))
+        );
         assert!("discard-node-".parse::<AfterSb0Pri>().is_err());
         assert_eq!("consensus".parse(), Ok(AfterSb1Pri::Consensus));
         assert!("discard-secondary".parse::<AfterSb2Pri>().is_err());
-        assert_eq!(AfterSb0Pri::DiscardNode("x".into()).to_string(), "discard-node-x");
+        assert_eq!(
+            AfterSb0Pri::DiscardNode("x".into()).to_string(),
+            "discard-node-x"
+        );
     }
 }

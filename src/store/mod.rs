@@ -93,4 +93,4 @@ pub fn open_store(backing: Backing, choice: EngineChoice) -> io::Result<SharedSt
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,0 +1,530 @@
+//! A running node: its state (role, disk, connection), its metadata, the current peer link,
+//! and the operations the control socket asks for. Replication, resync and verify live in
+//! `crate::repl`; they act on this state.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, watch};
+
+use super::{DiskState, Role};
+use crate::config::{Config, NodeConfig};
+use crate::meta::gen::hex;
+use crate::meta::Meta;
+use crate::repl::link::Link;
+use crate::repl::proto::{Message, PeerState};
+use crate::repl::ranges::RangeLocks;
+use crate::store::SharedStore;
+
+/// Connection states as status reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conn {
+    StandAlone,
+    Connecting,
+    Connected,
+    SyncSource,
+    SyncTarget,
+    VerifySource,
+    VerifyTarget,
+}
+
+impl Conn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StandAlone => "StandAlone",
+            Self::Connecting => "Connecting",
+            Self::Connected => "Connected",
+            Self::SyncSource => "SyncSource",
+            Self::SyncTarget => "SyncTarget",
+            Self::VerifySource => "VerifySource",
+            Self::VerifyTarget => "VerifyTarget",
+        }
+    }
+}
+
+/// Progress of a resync or verify run.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub started: Instant,
+    pub mismatched_bytes: u64,
+}
+
+impl Progress {
+    pub fn new(total_bytes: u64) -> Self {
+        Self {
+            done_bytes: 0,
+            total_bytes,
+            started: Instant::now(),
+            mismatched_bytes: 0,
+        }
+    }
+
+    fn to_json(&self, verify: bool) -> Value {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let mut v = json!({
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "bytes_per_sec": (self.done_bytes as f64 / secs) as u64,
+        });
+        if verify {
+            v["mismatched_bytes"] = json!(self.mismatched_bytes);
+        }
+        v
+    }
+}
+
+pub struct State {
+    pub role: Role,
+    pub disk: DiskState,
+    pub conn: Conn,
+    /// The operator wants the link up (`connect`), as opposed to StandAlone (`disconnect`,
+    /// or a split brain / refusal that needs the operator).
+    pub want_connect: bool,
+    pub discard_my_data: bool,
+    /// Set when a split brain was detected; cleared by `connect`.
+    pub split_brain: Option<String>,
+    /// Why the last connection attempt was refused, for status.
+    pub last_refusal: Option<String>,
+    pub resync: Option<Progress>,
+    pub verify: Option<Progress>,
+    /// Result of the last finished verify.
+    pub last_verify: Option<Progress>,
+}
+
+/// Exit codes a refused command maps to (DESIGN.md).
+#[derive(Debug)]
+pub struct Refused {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Refused {
+    pub fn state(message: impl Into<String>) -> Self {
+        Self {
+            code: 3,
+            message: message.into(),
+        }
+    }
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+pub struct Node {
+    pub cfg: Config,
+    pub me: NodeConfig,
+    pub peer_cfg: NodeConfig,
+    pub secret: Vec<u8>,
+    /// The local backing store.
+    pub store: SharedStore,
+    pub size: u64,
+    pub meta: Mutex<Meta>,
+    st: Mutex<State>,
+    link: Mutex<Option<Arc<Link>>>,
+    pub locks: RangeLocks,
+    events: broadcast::Sender<String>,
+    changed: watch::Sender<u64>,
+    version: AtomicU64,
+    /// Counts NBD clients in the transmission phase (installed by `up`).
+    pub nbd_clients: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+}
+
+impl Node {
+    pub fn new(
+        cfg: Config,
+        me: NodeConfig,
+        peer_cfg: NodeConfig,
+        secret: Vec<u8>,
+        store: SharedStore,
+        meta: Meta,
+    ) -> Arc<Node> {
+        let sb = meta.superblock();
+        let disk = if sb.flags.consistent {
+            DiskState::UpToDate
+        } else {
+            DiskState::Inconsistent
+        };
+        let size = store.size();
+        let (events, _) = broadcast::channel(1024);
+        let (changed, _) = watch::channel(0);
+        Arc::new(Node {
+            cfg,
+            me,
+            peer_cfg,
+            secret,
+            store,
+            size,
+            meta: Mutex::new(meta),
+            st: Mutex::new(State {
+                role: Role::Secondary,
+                disk,
+                conn: Conn::Connecting,
+                want_connect: true,
+                discard_my_data: false,
+                split_brain: None,
+                last_refusal: None,
+                resync: None,
+                verify: None,
+                last_verify: None,
+            }),
+            link: Mutex::new(None),
+            locks: RangeLocks::default(),
+            events,
+            changed,
+            version: AtomicU64::new(0),
+            nbd_clients: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn nbd_clients(&self) -> usize {
+        self.nbd_clients.get().map_or(0, |f| f())
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap()
+    }
+
+    pub fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap()
+    }
+
+    pub fn role(&self) -> Role {
+        self.state().role
+    }
+
+    pub fn link(&self) -> Option<Arc<Link>> {
+        self.link.lock().unwrap().clone().filter(|l| !l.is_lost())
+    }
+
+    /// Install a new link; fails if one is already up.
+    pub fn set_link(&self, link: Arc<Link>) -> bool {
+        let mut cur = self.link.lock().unwrap();
+        if cur.as_ref().is_some_and(|l| !l.is_lost()) {
+            return false;
+        }
+        *cur = Some(link);
+        true
+    }
+
+    /// The link went away: forget it, and keep trying if the operator wants the link up.
+    pub fn link_lost(&self, link: &Arc<Link>, why: &str) {
+        link.close();
+        {
+            let mut cur = self.link.lock().unwrap();
+            if cur.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+                *cur = None;
+            } else {
+                return;
+            }
+        }
+        let mut st = self.state();
+        st.conn = if st.want_connect {
+            Conn::Connecting
+        } else {
+            Conn::StandAlone
+        };
+        st.resync = None;
+        st.verify = None;
+        // A sync target whose resync did not finish stays Inconsistent.
+        drop(st);
+        tracing::warn!("connection to {} lost: {why}", self.peer_cfg.name);
+        self.event(
+            "connection",
+            json!({"state": "lost", "peer": self.peer_cfg.name, "reason": why}),
+        );
+    }
+
+    /// Publish a state change: one JSON line on the events stream and a status bump.
+    pub fn event(&self, kind: &str, detail: Value) {
+        let mut v = json!({
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "resource": self.cfg.resource.name,
+            "node": self.me.name,
+            "event": kind,
+        });
+        if let (Value::Object(m), Value::Object(d)) = (&mut v, detail) {
+            m.extend(d);
+        }
+        let _ = self.events.send(v.to_string());
+        self.bump();
+    }
+
+    pub fn bump(&self) {
+        let n = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.changed.send(n);
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn my_peer_state(&self) -> PeerState {
+        let st = self.state();
+        let meta = self.meta();
+        let sb = meta.superblock();
+        PeerState {
+            role: st.role,
+            disk: st.disk,
+            gens: sb.gens,
+            crashed_primary: sb.flags.crashed_primary,
+            out_of_sync_bytes: meta.out_of_sync_bytes(),
+            discard_my_data: st.discard_my_data,
+        }
+    }
+
+    /// Tell the peer about a role or disk change.
+    pub async fn announce(&self) {
+        if let Some(link) = self.link() {
+            let _ = link.send(&Message::State(self.my_peer_state())).await;
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let st = self.state();
+        let meta = self.meta();
+        let sb = meta.superblock();
+        let peer = self.link().map(|l| {
+            let p = l.peer.lock().unwrap();
+            json!({"node": l.peer_node, "role": role_str(p.role), "disk": p.disk.as_str()})
+        });
+        json!({
+            "resource": self.cfg.resource.name,
+            "node": self.me.name,
+            "role": role_str(st.role),
+            "disk": st.disk.as_str(),
+            "connection": st.conn.as_str(),
+            "peer": peer,
+            "split_brain": st.split_brain.is_some(),
+            "split_brain_detail": st.split_brain,
+            "last_refusal": st.last_refusal,
+            "out_of_sync_bytes": meta.out_of_sync_bytes(),
+            "resync": st.resync.as_ref().map(|p| p.to_json(false)),
+            "verify": st.verify.as_ref().map(|p| p.to_json(true)),
+            "last_verify": st.last_verify.as_ref().map(|p| p.to_json(true)),
+            "generation": {
+                "current": hex(sb.gens.current),
+                "bitmap": hex(sb.gens.bitmap),
+                "history": [hex(sb.gens.history[0]), hex(sb.gens.history[1])],
+            },
+            "epoch": sb.epoch,
+            "nbd": {
+                "listen": self.me.nbd.to_string(),
+                "serving": st.role == Role::Primary,
+                "clients": self.nbd_clients(),
+            },
+            "engine": self.store.engine(),
+        })
+    }
+
+    /// Persist a superblock change now (before anything depending on it is acknowledged).
+    pub fn persist(&self, f: impl FnOnce(&mut crate::meta::Superblock)) -> Result<(), Refused> {
+        self.meta()
+            .update(f)
+            .map_err(|e| Refused::error(format!("metadata write failed: {e}")))
+    }
+
+    /// `primary [--force]`.
+    pub async fn promote(&self, force: bool) -> Result<String, Refused> {
+        let (role, disk) = {
+            let st = self.state();
+            (st.role, st.disk)
+        };
+        if role == Role::Primary {
+            return Ok("already primary".into());
+        }
+        if let Some(link) = self.link() {
+            if link.peer.lock().unwrap().role == Role::Primary {
+                return Err(Refused::state(format!(
+                    "peer {} is primary; demote it first (tandem secondary on {})",
+                    link.peer_node, link.peer_node
+                )));
+            }
+        }
+        let fresh = self.meta().superblock().gens.current == crate::meta::gen::JUST_CREATED;
+        let mut note = String::new();
+        if disk != DiskState::UpToDate {
+            if !force {
+                return Err(Refused::state(format!(
+                    "disk is {}; promoting would serve data that may be stale (use --force to override)",
+                    disk.as_str()
+                )));
+            }
+            note = format!(" (forced: disk was {})", disk.as_str());
+        } else if force && self.link().is_none() {
+            note = " (forced, peer not connected: its data is not known to be outdated)".into();
+        }
+        if fresh || disk != DiskState::UpToDate {
+            // This node's data becomes the reference: a new generation, and everything must
+            // be copied to the peer.
+            self.persist(|sb| {
+                sb.gens.bitmap = 0;
+                sb.gens.current = crate::meta::Generations::random();
+                sb.flags.consistent = true;
+            })?;
+            let mut meta = self.meta();
+            meta.set_all_out_of_sync();
+            meta.flush_bitmap()
+                .map_err(|e| Refused::error(e.to_string()))?;
+            drop(meta);
+            self.state().disk = DiskState::UpToDate;
+        }
+        self.persist(|sb| {
+            sb.flags.was_primary = true;
+            sb.gens.set_primary(true);
+        })?;
+        self.state().role = Role::Primary;
+        let msg = format!("promoted to primary{note}");
+        if force {
+            tracing::warn!("{msg}");
+        } else {
+            tracing::info!("{msg}");
+        }
+        self.event(
+            "role",
+            json!({"role": "primary", "forced": force, "reason": msg}),
+        );
+        if fresh || disk != DiskState::UpToDate {
+            // This node's data is now the reference: re-run the sync handshake so the peer
+            // becomes the sync target at once.
+            if let Some(link) = self.link() {
+                let _ = link
+                    .send(&Message::Goodbye {
+                        reason: "peer promoted with new data; re-handshaking".into(),
+                    })
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                self.link_lost(&link, "re-handshaking after a forced promotion");
+            }
+        } else {
+            self.announce().await;
+        }
+        Ok(msg)
+    }
+
+    /// `secondary`.
+    pub async fn demote(&self) -> Result<String, Refused> {
+        if self.role() == Role::Secondary {
+            return Ok("already secondary".into());
+        }
+        let clients = self.nbd_clients();
+        if clients > 0 {
+            return Err(Refused::state(format!(
+                "{clients} NBD client(s) still connected; disconnect them before demoting"
+            )));
+        }
+        // Let in-flight writes finish and make them durable before giving up the role.
+        self.store
+            .flush()
+            .await
+            .map_err(|e| Refused::error(format!("flush failed: {e}")))?;
+        self.persist(|sb| {
+            sb.flags.was_primary = false;
+            sb.gens.set_primary(false);
+        })?;
+        self.state().role = Role::Secondary;
+        tracing::info!("demoted to secondary");
+        self.event(
+            "role",
+            json!({"role": "secondary", "reason": "operator request"}),
+        );
+        self.announce().await;
+        Ok("demoted to secondary".into())
+    }
+
+    /// `connect [--discard-my-data]`.
+    pub fn connect(&self, discard_my_data: bool) -> String {
+        let mut st = self.state();
+        st.want_connect = true;
+        st.discard_my_data = discard_my_data;
+        st.split_brain = None;
+        st.last_refusal = None;
+        if st.conn == Conn::StandAlone {
+            st.conn = Conn::Connecting;
+        }
+        drop(st);
+        self.event(
+            "connection",
+            json!({"state": "connecting", "discard_my_data": discard_my_data}),
+        );
+        if discard_my_data {
+            "connecting; this node's data will be discarded if a split brain is found".into()
+        } else {
+            "connecting".into()
+        }
+    }
+
+    /// `disconnect`.
+    pub async fn disconnect(&self) -> String {
+        {
+            let mut st = self.state();
+            st.want_connect = false;
+            st.conn = Conn::StandAlone;
+        }
+        if let Some(link) = self.link() {
+            let _ = link
+                .send(&Message::Goodbye {
+                    reason: "peer disconnected by operator".into(),
+                })
+                .await;
+            // Give the writer a moment to flush the goodbye before the socket closes.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            self.link_lost(&link, "disconnected by operator");
+        }
+        self.state().conn = Conn::StandAlone;
+        self.event(
+            "connection",
+            json!({"state": "StandAlone", "reason": "operator request"}),
+        );
+        "disconnected".into()
+    }
+
+    /// `invalidate`: discard local data; a full resync from the peer follows.
+    pub async fn invalidate(&self) -> Result<String, Refused> {
+        if self.role() == Role::Primary {
+            return Err(Refused::state(
+                "refusing to invalidate the primary's data; demote first",
+            ));
+        }
+        self.persist(|sb| sb.flags.consistent = false)?;
+        {
+            let mut meta = self.meta();
+            meta.set_all_out_of_sync();
+            meta.flush_bitmap()
+                .map_err(|e| Refused::error(e.to_string()))?;
+        }
+        self.state().disk = DiskState::Inconsistent;
+        self.event(
+            "disk",
+            json!({"disk": "Inconsistent", "reason": "invalidate"}),
+        );
+        // Reconnect so the handshake makes the peer the sync source.
+        if let Some(link) = self.link() {
+            let _ = link
+                .send(&Message::Goodbye {
+                    reason: "peer invalidated its data".into(),
+                })
+                .await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            self.link_lost(&link, "invalidated; reconnecting for a full resync");
+        }
+        Ok("data invalidated; a full resync from the peer follows".into())
+    }
+}
+
+pub fn role_str(r: Role) -> &'static str {
+    match r {
+        Role::Primary => "primary",
+        Role::Secondary => "secondary",
+    }
+}

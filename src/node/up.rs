@@ -1,0 +1,128 @@
+//! `tandem up`: run one node of the pair in the foreground until SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::watch;
+
+use super::runtime::Node;
+use super::Role;
+use crate::cli::Failure;
+use crate::config::Config;
+use crate::meta::Meta;
+use crate::nbd::{self, Listener};
+use crate::repl::replicated::ReplicatedStore;
+use crate::store::{self, BackingOptions, EngineChoice, SharedStore};
+
+pub async fn up(config: &Path, name: &str) -> Result<(), Failure> {
+    let cfg = Config::load(config)?;
+    let me = cfg.node(name)?.clone();
+    let peer = cfg.peer(name)?.clone();
+    let secret = cfg.secret()?;
+    if let Some(w) = cfg.secret_permissions_warning() {
+        tracing::warn!("{w}");
+    }
+    let backing =
+        store::open_backing(&me.disk, &BackingOptions::default()).map_err(|e| e.to_string())?;
+    let size = backing.size;
+    let meta = Meta::open(&me.meta, &cfg.resource.name, &me.name, size)
+        .map_err(|e| Failure::error(e.to_string()))?;
+    let recovery = meta.recovery();
+    if recovery.unclean {
+        tracing::warn!(
+            "{} was not shut down cleanly: marked {} bytes of {} activity-log extents out of sync{}",
+            me.meta.display(),
+            recovery.marked_bytes,
+            recovery.replayed_extents.len(),
+            if recovery.crashed_primary { "; this node crashed as primary" } else { "" }
+        );
+    }
+    let local = store::open_store(backing, EngineChoice::Auto)
+        .map_err(|e| format!("{}: {e}", me.disk.display()))?;
+    let node = Node::new(cfg.clone(), me.clone(), peer.clone(), secret, local, meta);
+
+    let store: SharedStore = Arc::new(ReplicatedStore::new(node.clone()));
+    let weak: Weak<Node> = Arc::downgrade(&node);
+    let gate: nbd::Gate = Box::new(move || match weak.upgrade() {
+        Some(n) if n.role() == Role::Primary => Ok(()),
+        Some(n) => {
+            let primary = n
+                .link()
+                .filter(|l| l.peer.lock().unwrap().role == Role::Primary);
+            Err(match primary {
+                Some(_) => format!(
+                    "node {} is secondary for {}; the primary is {} at {}",
+                    n.me.name, n.cfg.resource.name, n.peer_cfg.name, n.peer_cfg.nbd
+                ),
+                None => format!(
+                    "node {} is secondary for {} and no primary is known (peer {} would serve at {})",
+                    n.me.name, n.cfg.resource.name, n.peer_cfg.name, n.peer_cfg.nbd
+                ),
+            })
+        }
+        None => Err("shutting down".into()),
+    });
+    let export = nbd::Export::with_gate(cfg.resource.name.clone(), store, false, Some(gate));
+    let counted = export.clone();
+    let _ = node.nbd_clients.set(Box::new(move || counted.clients()));
+
+    let listener = Listener::bind(&me.nbd)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", me.nbd))?;
+    let n = node.clone();
+    let repl = tokio::spawn(async move { crate::repl::session::run(n).await });
+    let n = node.clone();
+    let control_path = me.control.clone();
+    let control = tokio::spawn(async move { crate::control::serve(n, &control_path).await });
+    tracing::info!(
+        "node {} of {} up: {} bytes, NBD on {}, replication on {}, control at {}",
+        me.name,
+        cfg.resource.name,
+        size,
+        me.nbd,
+        me.replication,
+        me.control.display()
+    );
+    node.event(
+        "up",
+        serde_json::json!({"disk": node.state().disk.as_str()}),
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let n = node.clone();
+    let stopper = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down {}: finishing in-flight requests", n.me.name);
+        let _ = stop_tx.send(true);
+    });
+    let served = tokio::select! {
+        r = nbd::serve(listener, export, stop_rx) => r.map_err(|e| format!("final flush failed: {e}")),
+        r = repl => Err(match r {
+            Ok(Err(e)) => format!("replication listener on {} failed: {e}", me.replication),
+            _ => "replication listener stopped".into(),
+        }),
+        r = control => Err(match r {
+            Ok(Err(e)) => format!("control socket {}: {e}", me.control.display()),
+            _ => "control socket stopped".into(),
+        }),
+    };
+    stopper.abort();
+    // Orderly: tell the peer, then record a clean shutdown so nothing is replayed next time.
+    let _ = node.disconnect().await;
+    let closed = node.meta().close_clean();
+    let _ = std::fs::remove_file(&me.control);
+    served?;
+    closed.map_err(|e| Failure::error(format!("recording the clean shutdown failed: {e}")))?;
+    tracing::info!("node {} stopped cleanly", me.name);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

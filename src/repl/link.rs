@@ -1,0 +1,185 @@
+//! One authenticated connection to the peer: a bounded outgoing queue drained by a writer
+//! task, and the table of requests waiting for the peer's acknowledgement.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::proto::{encode_control, encode_data_header, Kind, Message, PeerState, HEADER_LEN};
+
+/// Frames queued towards the peer. Bounded: a slow peer applies back-pressure to the
+/// primary's writers instead of growing memory (invariant 7).
+const QUEUE_DEPTH: usize = 256;
+
+pub enum Outgoing {
+    Control(Bytes),
+    Data {
+        header: [u8; HEADER_LEN],
+        data: Bytes,
+    },
+}
+
+/// The peer's answer to a request.
+pub type Ack = Result<Reply, LinkLost>;
+
+#[derive(Debug)]
+pub enum Reply {
+    Done,
+    Failed(i32),
+    Digests(Vec<u32>),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LinkLost;
+
+pub struct Link {
+    tx: mpsc::Sender<Outgoing>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Ack>>>,
+    seq: AtomicU64,
+    closed: watch::Sender<bool>,
+    lost: AtomicBool,
+    pub peer_node: String,
+    /// The peer's state as last reported.
+    pub peer: Mutex<PeerState>,
+}
+
+impl Link {
+    /// Create the link and the writer task that owns the socket's write half.
+    pub fn start<W: AsyncWrite + Unpin + Send + 'static>(
+        w: W,
+        peer_node: String,
+        peer: PeerState,
+    ) -> std::sync::Arc<Link> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (closed, _) = watch::channel(false);
+        let link = std::sync::Arc::new(Link {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(1),
+            closed,
+            lost: AtomicBool::new(false),
+            peer_node,
+            peer: Mutex::new(peer),
+        });
+        let l = link.clone();
+        tokio::spawn(async move {
+            if let Err(e) = write_loop(w, rx, l.closed.subscribe()).await {
+                tracing::debug!("peer link writer ended: {e}");
+            }
+            l.close();
+        });
+        link
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    pub fn closed(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// Register a request `seq` and return where its answer arrives. Register before sending.
+    pub fn expect(&self, seq: u64) -> oneshot::Receiver<Ack> {
+        let (tx, rx) = oneshot::channel();
+        if self.is_lost() {
+            let _ = tx.send(Err(LinkLost));
+        } else {
+            self.pending.lock().unwrap().insert(seq, tx);
+        }
+        rx
+    }
+
+    /// Deliver the peer's answer to request `seq`.
+    pub fn complete(&self, seq: u64, reply: Reply) {
+        if let Some(tx) = self.pending.lock().unwrap().remove(&seq) {
+            let _ = tx.send(Ok(reply));
+        }
+    }
+
+    pub async fn send(&self, msg: &Message) -> Result<(), LinkLost> {
+        self.tx
+            .send(Outgoing::Control(encode_control(msg)))
+            .await
+            .map_err(|_| LinkLost)
+    }
+
+    pub async fn send_data(
+        &self,
+        kind: Kind,
+        seq: u64,
+        offset: u64,
+        fua: bool,
+        data: Bytes,
+    ) -> Result<(), LinkLost> {
+        let header = encode_data_header(kind, seq, offset, fua, &data);
+        self.tx
+            .send(Outgoing::Data { header, data })
+            .await
+            .map_err(|_| LinkLost)
+    }
+
+    /// Send a request and wait for its answer (or for the link to die).
+    pub async fn request(&self, seq: u64, msg: &Message) -> Ack {
+        let rx = self.expect(seq);
+        self.send(msg).await?;
+        rx.await.unwrap_or(Err(LinkLost))
+    }
+
+    /// Tear the link down: every waiting request learns the link is lost.
+    pub fn close(&self) {
+        self.lost.store(true, Ordering::Release);
+        let _ = self.closed.send(true);
+        for (_, tx) in self.pending.lock().unwrap().drain() {
+            let _ = tx.send(Err(LinkLost));
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    mut closed: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut batch = Vec::with_capacity(256 * 1024);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
+            _ = closed.wait_for(|c| *c) => return Ok(()),
+        };
+        let mut next = Some(first);
+        while let Some(out) = next {
+            match out {
+                Outgoing::Control(b) => batch.extend_from_slice(&b),
+                Outgoing::Data { header, data } => {
+                    batch.extend_from_slice(&header);
+                    if data.len() <= 64 * 1024 {
+                        batch.extend_from_slice(&data);
+                    } else {
+                        w.write_all(&batch).await?;
+                        batch.clear();
+                        w.write_all(&data).await?;
+                    }
+                }
+            }
+            next = if batch.len() < 256 * 1024 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !batch.is_empty() {
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+    }
+}

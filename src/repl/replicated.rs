@@ -1,0 +1,175 @@
+//! The store the primary serves NBD from: every write goes to the local disk and to the peer,
+//! and is acknowledged only when both have it (protocol C). Without the peer the primary keeps
+//! serving, records the blocks in the out-of-sync bitmap, and first starts a new data
+//! generation (persisted before the first write acknowledged without the peer).
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::proto::Message;
+use super::session::{replicate_control, replicate_write};
+use crate::node::runtime::Node;
+use crate::node::Role;
+use crate::store::{BlockStore, Extent, IoFuture};
+
+pub struct ReplicatedStore {
+    node: Arc<Node>,
+}
+
+impl ReplicatedStore {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn check_primary(&self) -> io::Result<()> {
+        if self.node.role() != Role::Primary {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    /// Before data lands in `[offset, offset+len)`: its activity-log extents are on disk.
+    fn activate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.node
+            .meta()
+            .activate(offset, len)
+            .map(|_| ())
+            .map_err(io::Error::other)
+    }
+
+    /// The peer does not have `[offset, offset+len)`: make sure a new generation is on disk
+    /// (DRBD's lazy bump: only when the bitmap generation is not already set), then mark.
+    fn degraded(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut meta = self.node.meta();
+        if meta.superblock().gens.bitmap == 0 {
+            meta.update(|sb| sb.gens.new_current(true))
+                .map_err(io::Error::other)?;
+            drop(meta);
+            tracing::warn!("writing without the peer: started a new data generation");
+            self.node.event(
+                "generation",
+                serde_json::json!({"reason": "first write without the peer"}),
+            );
+            meta = self.node.meta();
+        }
+        meta.mark_out_of_sync(offset, len);
+        Ok(())
+    }
+
+    /// Run a write-like operation locally and on the peer, under the range lock.
+    async fn both<F>(
+        &self,
+        offset: u64,
+        len: u64,
+        local: F,
+        remote: impl FnOnce(u64) -> Remote,
+    ) -> io::Result<()>
+    where
+        F: std::future::Future<Output = io::Result<()>>,
+    {
+        self.check_primary()?;
+        let _guard = self.node.locks.lock(offset, len).await;
+        self.activate(offset, len)?;
+        let replicated = async {
+            match self.node.link() {
+                Some(link) => match remote(link.next_seq()) {
+                    Remote::Write(data, fua) => replicate_write(&link, offset, data, fua).await,
+                    Remote::Control(seq, msg) => replicate_control(&link, seq, msg).await,
+                },
+                None => false,
+            }
+        };
+        let (local, peer_has_it) = tokio::join!(local, replicated);
+        if !peer_has_it {
+            self.degraded(offset, len)?;
+        }
+        if local.is_err() {
+            // The copies may now differ in this range; the bitmap makes a resync repair it.
+            self.node.meta().mark_out_of_sync(offset, len);
+        }
+        local
+    }
+}
+
+enum Remote {
+    Write(Bytes, bool),
+    Control(u64, Message),
+}
+
+impl BlockStore for ReplicatedStore {
+    fn size(&self) -> u64 {
+        self.node.size
+    }
+
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        self.node.store.read(offset, len)
+    }
+
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let len = data.len() as u64;
+            let local = self.node.store.write(offset, data.clone(), fua);
+            self.both(offset, len, local, |_| Remote::Write(data, fua))
+                .await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let local = self.node.store.flush();
+            let remote = async {
+                match self.node.link() {
+                    Some(link) => {
+                        let seq = link.next_seq();
+                        replicate_control(&link, seq, Message::Flush { seq }).await
+                    }
+                    None => true,
+                }
+            };
+            let (local, _) = tokio::join!(local, remote);
+            local
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let local = self.node.store.discard(offset, len);
+            self.both(offset, len, local, |seq| {
+                Remote::Control(seq, Message::Trim { seq, offset, len })
+            })
+            .await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let local = self.node.store.write_zeroes(offset, len, may_trim);
+            self.both(offset, len, local, |seq| {
+                Remote::Control(
+                    seq,
+                    Message::Zero {
+                        seq,
+                        offset,
+                        len,
+                        may_trim,
+                    },
+                )
+            })
+            .await
+        })
+    }
+
+    fn extents(&self, offset: u64, len: u64, max_extents: usize) -> IoFuture<'_, Vec<Extent>> {
+        self.node.store.extents(offset, len, max_extents)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.node.store.cache(offset, len)
+    }
+
+    fn engine(&self) -> &'static str {
+        self.node.store.engine()
+    }
+}

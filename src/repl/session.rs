@@ -1,0 +1,695 @@
+//! Establishing the peer link (accept or dial, authenticate, exchange state and bitmaps,
+//! decide the sync direction) and running it (dispatching frames, pings, resync, verify).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::json;
+use tokio::io::{AsyncRead, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::link::{Link, LinkLost, Reply};
+use super::proto::{
+    self, read_frame, write_control, Frame, HandshakeError, Identity, Kind, Message, PeerState,
+};
+use crate::node::decide::{handshake as decide, Direction, Side, Verdict};
+use crate::node::runtime::{Conn, Node, Progress};
+use crate::node::{DiskState, Role};
+
+/// Bitmap words per `Bitmap` message.
+const BITMAP_CHUNK: usize = 8192;
+/// Resync and verify work in chunks of this size, this many in flight.
+const SYNC_CHUNK: u64 = 256 * 1024;
+const SYNC_WINDOW: usize = 8;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accept peers on the replication address and, if this node is the dialer, keep dialing
+/// while the operator wants the link up. Exactly one side dials (the name that sorts first),
+/// so the two never race to build two links.
+pub async fn run(node: Arc<Node>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(&node.me.replication).await?;
+    tracing::info!("replication listening on {}", node.me.replication);
+    if node.me.name < node.peer_cfg.name {
+        let n = node.clone();
+        tokio::spawn(async move { dial_loop(n).await });
+    }
+    loop {
+        let (sock, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("replication accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let n = node.clone();
+        tokio::spawn(async move {
+            if !n.state().want_connect || n.link().is_some() {
+                tracing::info!(
+                    "refusing replication connection from {addr}: {}",
+                    busy_reason(&n)
+                );
+                return;
+            }
+            if let Err(e) = establish(n.clone(), sock).await {
+                tracing::warn!("replication connection from {addr} dropped: {e}");
+            }
+        });
+    }
+}
+
+fn busy_reason(n: &Node) -> &'static str {
+    if n.link().is_some() {
+        "already connected"
+    } else {
+        "StandAlone (run tandem connect)"
+    }
+}
+
+async fn dial_loop(node: Arc<Node>) {
+    let interval = node.cfg.net.connect_interval;
+    loop {
+        if node.state().want_connect && node.link().is_none() {
+            match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                TcpStream::connect(&node.peer_cfg.replication),
+            )
+            .await
+            {
+                Ok(Ok(sock)) => {
+                    if let Err(e) = establish(node.clone(), sock).await {
+                        tracing::info!("connecting to {} failed: {e}", node.peer_cfg.name);
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!("dialing {} failed: {e}", node.peer_cfg.replication),
+                Err(_) => tracing::debug!("dialing {} timed out", node.peer_cfg.replication),
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), HandshakeError> {
+    sock.set_nodelay(true)?;
+    let id = Identity {
+        resource: &node.cfg.resource.name,
+        node: &node.me.name,
+        peer: &node.peer_cfg.name,
+        size: node.size,
+        secret: &node.secret,
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, proto::handshake(&mut sock, &id)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(HandshakeError::Protocol("handshake timed out".into())),
+    }
+    let (r, mut w) = sock.into_split();
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+
+    // Exchange state and bitmaps concurrently (large bitmaps must not deadlock).
+    let mine = node.my_peer_state();
+    let words: Vec<u64> = node.meta().bitmap_words().to_vec();
+    let send = async {
+        write_control(&mut w, &Message::State(mine.clone())).await?;
+        let chunks: Vec<&[u64]> = if words.is_empty() {
+            vec![&[][..]]
+        } else {
+            words.chunks(BITMAP_CHUNK).collect()
+        };
+        let n = chunks.len();
+        for (i, c) in chunks.into_iter().enumerate() {
+            let first = (i * BITMAP_CHUNK) as u64;
+            write_control(
+                &mut w,
+                &Message::Bitmap {
+                    first,
+                    words: c.to_vec(),
+                    last: i + 1 == n,
+                },
+            )
+            .await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let recv = async {
+        let Frame::Control(Message::State(peer)) = read_frame(&mut r).await? else {
+            return Err(HandshakeError::Protocol("expected State".into()));
+        };
+        let mut theirs = Vec::with_capacity(words.len());
+        loop {
+            match read_frame(&mut r).await? {
+                Frame::Control(Message::Bitmap {
+                    first,
+                    words: ws,
+                    last,
+                }) => {
+                    if first as usize != theirs.len()
+                        || theirs.len() + ws.len() > words.len().max(1)
+                    {
+                        return Err(HandshakeError::Protocol(
+                            "bitmap transfer out of order or too long".into(),
+                        ));
+                    }
+                    theirs.extend(ws);
+                    if last {
+                        break;
+                    }
+                }
+                _ => return Err(HandshakeError::Protocol("expected Bitmap".into())),
+            }
+        }
+        Ok((peer, theirs))
+    };
+    let (sent, received) = tokio::join!(send, recv);
+    sent?;
+    let (peer, peer_words) = received?;
+    if peer_words.len() != words.len() {
+        return Err(HandshakeError::Protocol(
+            "peer bitmap has the wrong size".into(),
+        ));
+    }
+
+    let verdict = decide(
+        &side(&node.me.name, &mine),
+        &side(&node.peer_cfg.name, &peer),
+        &node.cfg.split_brain,
+    );
+    let explain = verdict.explain();
+    tracing::info!("sync handshake with {}: {explain}", node.peer_cfg.name);
+    let (conn, full) = match &verdict {
+        Verdict::NoSync { .. } => {
+            // Equal generations but leftover out-of-sync blocks (e.g. after verify): the
+            // primary's copy wins, or the first name if neither is primary.
+            let leftover = mine.out_of_sync_bytes + peer.out_of_sync_bytes > 0;
+            if leftover {
+                let source = match (mine.role, peer.role) {
+                    (Role::Primary, _) => true,
+                    (_, Role::Primary) => false,
+                    _ => node.me.name < node.peer_cfg.name,
+                };
+                (
+                    if source {
+                        Conn::SyncSource
+                    } else {
+                        Conn::SyncTarget
+                    },
+                    false,
+                )
+            } else {
+                (Conn::Connected, false)
+            }
+        }
+        Verdict::Sync {
+            direction: Direction::Source,
+            full,
+            ..
+        } => (Conn::SyncSource, *full),
+        Verdict::Sync {
+            direction: Direction::Target,
+            full,
+            ..
+        } => (Conn::SyncTarget, *full),
+        Verdict::SplitBrain { .. } => {
+            {
+                let mut st = node.state();
+                st.split_brain = Some(explain.clone());
+                st.want_connect = false;
+                st.conn = Conn::StandAlone;
+            }
+            tracing::error!(
+                "split brain detected with {}: {explain}",
+                node.peer_cfg.name
+            );
+            node.event(
+                "split-brain",
+                json!({"peer": node.peer_cfg.name, "detail": explain}),
+            );
+            return Ok(());
+        }
+        Verdict::Refuse { reason, .. } => {
+            {
+                let mut st = node.state();
+                st.last_refusal = Some(explain.clone());
+                st.want_connect = false;
+                st.conn = Conn::StandAlone;
+            }
+            tracing::error!("refusing to connect to {}: {reason}", node.peer_cfg.name);
+            node.event(
+                "connection",
+                json!({"state": "StandAlone", "refused": reason, "detail": explain}),
+            );
+            return Ok(());
+        }
+    };
+
+    // Both sides hold the union of the two bitmaps (or everything, for a full sync).
+    {
+        let mut meta = node.meta();
+        if full {
+            meta.set_all_out_of_sync();
+        } else {
+            meta.merge_bitmap(&peer_words)
+                .map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+        }
+        meta.flush_bitmap()
+            .map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+    }
+    if conn == Conn::SyncTarget {
+        node.persist(|sb| sb.flags.consistent = false)
+            .map_err(|e| HandshakeError::Protocol(e.message))?;
+    }
+
+    let link = Link::start(w, node.peer_cfg.name.clone(), peer);
+    if !node.set_link(link.clone()) {
+        link.close();
+        return Err(HandshakeError::Protocol(
+            "another link came up first".into(),
+        ));
+    }
+    {
+        let mut st = node.state();
+        st.conn = conn;
+        st.discard_my_data = false;
+        st.last_refusal = None;
+        if conn == Conn::SyncTarget {
+            st.disk = DiskState::Inconsistent;
+        }
+        let total = node.meta().out_of_sync_bytes();
+        if matches!(conn, Conn::SyncSource | Conn::SyncTarget) {
+            st.resync = Some(Progress::new(total));
+        }
+    }
+    tracing::info!("connected to {} as {}", node.peer_cfg.name, conn.as_str());
+    node.event(
+        "connection",
+        json!({"state": conn.as_str(), "peer": node.peer_cfg.name, "full_sync": full, "decision": explain}),
+    );
+
+    let last_rx = Arc::new(AtomicU64::new(now_ms()));
+    tokio::spawn(ping_loop(node.clone(), link.clone(), last_rx.clone()));
+    if conn == Conn::SyncSource {
+        tokio::spawn(resync_source(node.clone(), link.clone()));
+    }
+    let reason = match read_loop(&node, &link, r, &last_rx).await {
+        Ok(reason) => reason,
+        Err(e) => format!("{e}"),
+    };
+    node.link_lost(&link, &reason);
+    Ok(())
+}
+
+fn side(name: &str, s: &PeerState) -> Side {
+    Side {
+        gens: s.gens,
+        role: s.role,
+        disk: s.disk,
+        crashed_primary: s.crashed_primary,
+        out_of_sync_bytes: s.out_of_sync_bytes,
+        discard_my_data: s.discard_my_data,
+        node: name.to_owned(),
+    }
+}
+
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+async fn ping_loop(node: Arc<Node>, link: Arc<Link>, last_rx: Arc<AtomicU64>) {
+    let interval = node.cfg.net.ping_interval;
+    let timeout = node.cfg.net.ping_timeout.as_millis() as u64;
+    let mut closed = link.closed();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = closed.wait_for(|c| *c) => return,
+        }
+        if now_ms().saturating_sub(last_rx.load(Ordering::Relaxed)) > timeout {
+            node.link_lost(&link, &format!("peer did not answer for {timeout} ms"));
+            return;
+        }
+        if link.send(&Message::Ping).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Dispatch frames from the peer until the link ends; returns why it ended.
+async fn read_loop<R: AsyncRead + Unpin>(
+    node: &Arc<Node>,
+    link: &Arc<Link>,
+    mut r: R,
+    last_rx: &AtomicU64,
+) -> std::io::Result<String> {
+    let mut closed = link.closed();
+    loop {
+        let frame = tokio::select! {
+            f = read_frame(&mut r) => f?,
+            _ = closed.wait_for(|c| *c) => return Ok("link closed".into()),
+        };
+        last_rx.store(now_ms(), Ordering::Relaxed);
+        match frame {
+            Frame::Write {
+                seq,
+                offset,
+                fua,
+                data,
+            } => {
+                let (n, l) = (node.clone(), link.clone());
+                tokio::spawn(async move {
+                    let r = n.store.write(offset, data, fua).await;
+                    ack_apply(&n, &l, seq, offset, 0, r).await;
+                });
+            }
+            Frame::ResyncData { seq, offset, data } => {
+                let (n, l) = (node.clone(), link.clone());
+                tokio::spawn(async move {
+                    let len = data.len() as u64;
+                    match n.store.write(offset, data, false).await {
+                        Ok(()) => {
+                            n.meta().mark_in_sync(offset, len);
+                            if let Some(p) = n.state().resync.as_mut() {
+                                p.done_bytes += len;
+                            }
+                            let _ = l.send(&Message::ResyncAck { seq, offset, len }).await;
+                        }
+                        Err(e) => {
+                            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                            let _ = l.send(&Message::WriteFailed { seq, errno }).await;
+                        }
+                    }
+                });
+            }
+            Frame::Control(msg) => match msg {
+                Message::Trim { seq, offset, len } => {
+                    let (n, l) = (node.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let r = n.store.discard(offset, len).await;
+                        ack_apply(&n, &l, seq, offset, len, r).await;
+                    });
+                }
+                Message::Zero {
+                    seq,
+                    offset,
+                    len,
+                    may_trim,
+                } => {
+                    let (n, l) = (node.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let r = n.store.write_zeroes(offset, len, may_trim).await;
+                        ack_apply(&n, &l, seq, offset, len, r).await;
+                    });
+                }
+                Message::Flush { seq } => {
+                    let (n, l) = (node.clone(), link.clone());
+                    tokio::spawn(async move {
+                        match n.store.flush().await {
+                            Ok(()) => {
+                                let _ = l.send(&Message::FlushAck { seq }).await;
+                            }
+                            Err(e) => {
+                                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                                let _ = l.send(&Message::WriteFailed { seq, errno }).await;
+                            }
+                        }
+                    });
+                }
+                Message::WriteAck { seq }
+                | Message::FlushAck { seq }
+                | Message::ResyncAck { seq, .. } => link.complete(seq, Reply::Done),
+                Message::WriteFailed { seq, errno } => link.complete(seq, Reply::Failed(errno)),
+                Message::VerifyRequest { seq, offset, len } => {
+                    let (n, l) = (node.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let digests = digests(&n, offset, len).await.unwrap_or_default();
+                        let _ = l.send(&Message::VerifyReply { seq, digests }).await;
+                    });
+                }
+                Message::VerifyReply { seq, digests } => {
+                    link.complete(seq, Reply::Digests(digests))
+                }
+                Message::ResyncDone { gens } => {
+                    resync_finished_as_target(node, gens);
+                    node.announce().await;
+                }
+                Message::State(ps) => {
+                    *link.peer.lock().unwrap() = ps;
+                    node.bump();
+                }
+                Message::Ping => {
+                    let _ = link.send(&Message::PingAck).await;
+                }
+                Message::PingAck => {}
+                Message::Goodbye { reason } => return Ok(format!("peer said goodbye: {reason}")),
+                other => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("unexpected message from peer: {other:?}"),
+                    ))
+                }
+            },
+        }
+    }
+}
+
+/// Acknowledge an applied replicated write; a failed one is reported and marked out of sync
+/// locally too, so the next resync repairs it.
+async fn ack_apply(n: &Node, l: &Link, seq: u64, offset: u64, len: u64, r: std::io::Result<()>) {
+    let msg = match r {
+        Ok(()) => Message::WriteAck { seq },
+        Err(e) => {
+            if len > 0 {
+                n.meta().mark_out_of_sync(offset, len);
+            }
+            tracing::error!("applying replicated write at {offset} failed: {e}");
+            Message::WriteFailed {
+                seq,
+                errno: e.raw_os_error().unwrap_or(libc::EIO),
+            }
+        }
+    };
+    let _ = l.send(&msg).await;
+}
+
+fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations) {
+    let size = node.size;
+    let result = {
+        let mut meta = node.meta();
+        meta.mark_in_sync(0, size);
+        meta.flush_bitmap().and_then(|_| {
+            meta.update(|sb| {
+                sb.gens.adopt(&gens);
+                sb.flags.consistent = true;
+                sb.flags.crashed_primary = false;
+            })
+        })
+    };
+    if let Err(e) = result {
+        tracing::error!("recording the finished resync failed: {e}");
+        return;
+    }
+    {
+        let mut st = node.state();
+        st.disk = DiskState::UpToDate;
+        st.conn = Conn::Connected;
+        st.resync = None;
+    }
+    tracing::info!("resync finished: this node is UpToDate");
+    node.event("resync", json!({"state": "finished", "disk": "UpToDate"}));
+}
+
+/// Push every out-of-sync block to the peer, a window of chunks at a time, holding the range
+/// lock of each chunk from read until the peer acknowledged it, so an application write to
+/// the same blocks is ordered after it on the peer. Bits clear only when the peer has the data.
+pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
+    let rate = node.cfg.resync.rate;
+    let started = Instant::now();
+    let mut sent_bytes = 0u64;
+    loop {
+        let mut cursor = 0u64;
+        let mut tasks = tokio::task::JoinSet::new();
+        while let Some((offset, len)) = {
+            let next = node.meta().next_out_of_sync(cursor);
+            next
+        } {
+            let len = len.min(SYNC_CHUNK);
+            cursor = offset + len;
+            while tasks.len() >= SYNC_WINDOW {
+                if let Some(Ok(Err(LinkLost))) = tasks.join_next().await {
+                    return;
+                }
+            }
+            if link.is_lost() {
+                return;
+            }
+            if rate > 0 {
+                sent_bytes += len;
+                let due = Duration::from_secs_f64(sent_bytes as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            let (n, l) = (node.clone(), link.clone());
+            tasks.spawn(async move { sync_chunk(&n, &l, offset, len).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Err(LinkLost)) = r {
+                return;
+            }
+        }
+        if link.is_lost() {
+            return;
+        }
+        // Writes that failed on the peer meanwhile set bits behind the cursor: go again.
+        if node.meta().out_of_sync_bytes() == 0 {
+            break;
+        }
+    }
+    let gens = {
+        let mut meta = node.meta();
+        let r = meta.flush_bitmap().and_then(|_| {
+            meta.update(|sb| {
+                sb.gens.clear_bitmap();
+                sb.flags.crashed_primary = false;
+            })
+        });
+        if let Err(e) = r {
+            tracing::error!("recording the finished resync failed: {e}");
+            return;
+        }
+        meta.superblock().gens
+    };
+    if link.send(&Message::ResyncDone { gens }).await.is_err() {
+        return;
+    }
+    {
+        let mut st = node.state();
+        if st.conn == Conn::SyncSource {
+            st.conn = Conn::Connected;
+        }
+        st.resync = None;
+    }
+    tracing::info!("resync finished as source");
+    node.event("resync", json!({"state": "finished", "role": "source"}));
+}
+
+async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(), LinkLost> {
+    let _guard = node.locks.lock(offset, len).await;
+    let data = match node.store.read(offset, len as usize).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("resync read at {offset} failed: {e}");
+            return Err(LinkLost);
+        }
+    };
+    let seq = link.next_seq();
+    let rx = link.expect(seq);
+    link.send_data(Kind::ResyncData, seq, offset, false, data)
+        .await?;
+    match rx.await.unwrap_or(Err(LinkLost))? {
+        Reply::Done => {
+            node.meta().mark_in_sync(offset, len);
+            if let Some(p) = node.state().resync.as_mut() {
+                p.done_bytes += len;
+            }
+            Ok(())
+        }
+        _ => Err(LinkLost),
+    }
+}
+
+/// CRC32 of each 4 KiB block of a range.
+async fn digests(node: &Node, offset: u64, len: u64) -> std::io::Result<Vec<u32>> {
+    let data: Bytes = node.store.read(offset, len as usize).await?;
+    Ok(data.chunks(4096).map(crc32fast::hash).collect())
+}
+
+/// Online verify from this node: compare digests of every block with the peer's, under the
+/// range lock so in-flight writes do not show as differences. Differing blocks are marked
+/// out of sync; a later reconnect resyncs them.
+pub async fn verify(node: Arc<Node>) -> Result<Progress, String> {
+    let link = node.link().ok_or("not connected to the peer")?;
+    {
+        let mut st = node.state();
+        if st.conn != Conn::Connected {
+            return Err(format!("cannot verify while {}", st.conn.as_str()));
+        }
+        st.conn = Conn::VerifySource;
+        st.verify = Some(Progress::new(node.size));
+    }
+    node.event("verify", json!({"state": "started"}));
+    let mut offset = 0;
+    let result = loop {
+        if offset >= node.size {
+            break Ok(());
+        }
+        let len = SYNC_CHUNK.min(node.size - offset);
+        let _guard = node.locks.lock(offset, len).await;
+        let mine = match digests(&node, offset, len).await {
+            Ok(d) => d,
+            Err(e) => break Err(format!("local read failed: {e}")),
+        };
+        let seq = link.next_seq();
+        let theirs = match link
+            .request(seq, &Message::VerifyRequest { seq, offset, len })
+            .await
+        {
+            Ok(Reply::Digests(d)) => d,
+            _ => break Err("peer link lost during verify".to_string()),
+        };
+        let mut mismatched = 0;
+        for (i, (a, b)) in mine
+            .iter()
+            .zip(theirs.iter().chain(std::iter::repeat(&!0)))
+            .enumerate()
+        {
+            if a != b {
+                let at = offset + i as u64 * 4096;
+                let l = 4096.min(offset + len - at);
+                node.meta().mark_out_of_sync(at, l);
+                mismatched += l;
+            }
+        }
+        if let Some(p) = node.state().verify.as_mut() {
+            p.done_bytes += len;
+            p.mismatched_bytes += mismatched;
+        }
+        offset += len;
+    };
+    let progress = {
+        let mut st = node.state();
+        if st.conn == Conn::VerifySource {
+            st.conn = Conn::Connected;
+        }
+        let p = st.verify.take();
+        st.last_verify = p.clone();
+        p
+    };
+    let _ = node.meta().flush_bitmap();
+    let p = progress.unwrap_or_else(|| Progress::new(node.size));
+    node.event(
+        "verify",
+        json!({"state": "finished", "mismatched_bytes": p.mismatched_bytes, "error": result.as_ref().err()}),
+    );
+    result.map(|_| p)
+}
+
+/// Replicate a write-like operation: returns whether the peer has it.
+pub async fn replicate_control(link: &Link, seq: u64, msg: Message) -> bool {
+    matches!(link.request(seq, &msg).await, Ok(Reply::Done))
+}
+
+/// Send an application write to the peer and wait for its acknowledgement.
+pub async fn replicate_write(link: &Link, offset: u64, data: Bytes, fua: bool) -> bool {
+    let seq = link.next_seq();
+    let rx = link.expect(seq);
+    if link
+        .send_data(Kind::Write, seq, offset, fua, data)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    matches!(rx.await, Ok(Ok(Reply::Done)))
+}
