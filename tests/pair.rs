@@ -370,3 +370,50 @@ fn garbage_and_unauthenticated_peers_on_the_replication_port_are_dropped() {
     p.stop("beta");
     p.assert_identical();
 }
+
+/// "resync finished as source: X bytes brought in sync, Y bytes sent" from a node's log.
+fn resync_totals(log: &str) -> Option<(u64, u64)> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("resync finished as source:"))?;
+    let nums: Vec<u64> = line
+        .split("source:")
+        .nth(1)?
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    Some((nums[0], nums[1]))
+}
+
+#[test]
+fn primary_crash_resyncs_its_activity_log_extents_and_checksums_skip_equal_blocks() {
+    for checksum in [false, true] {
+        let mut p = Pair::started(64 * M, &format!("[resync]\nchecksum = {checksum}\n"));
+        // Both copies get these writes; they leave extents hot in alpha's activity log.
+        qemu_io_ok(
+            &p.uri("alpha"),
+            &["write -P 0x31 0 6M", "write -P 0x32 40M 1M", "flush"],
+        );
+        p.wait_in_sync(10);
+        p.kill9("alpha");
+        p.up("alpha");
+        assert!(
+            p.log("alpha").contains("crashed as primary"),
+            "{}",
+            p.log("alpha")
+        );
+        p.wait_in_sync(30);
+        // The survivor is the sync source for the crashed primary's hot extents.
+        let (synced, sent) = resync_totals(&p.log("beta")).expect("beta ran a resync as source");
+        assert!(synced >= 7 * M, "hot extents resynced: {synced}");
+        if checksum {
+            assert_eq!(sent, 0, "identical blocks must not be sent");
+        } else {
+            assert_eq!(sent, synced);
+        }
+        p.stop("alpha");
+        p.stop("beta");
+        p.assert_identical();
+    }
+}

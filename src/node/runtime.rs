@@ -51,6 +51,8 @@ pub struct Progress {
     pub total_bytes: u64,
     pub started: Instant,
     pub mismatched_bytes: u64,
+    /// Resync: bytes actually sent (less than done_bytes with checksum-based resync).
+    pub transferred_bytes: u64,
 }
 
 impl Progress {
@@ -60,6 +62,7 @@ impl Progress {
             total_bytes,
             started: Instant::now(),
             mismatched_bytes: 0,
+            transferred_bytes: 0,
         }
     }
 
@@ -72,6 +75,8 @@ impl Progress {
         });
         if verify {
             v["mismatched_bytes"] = json!(self.mismatched_bytes);
+        } else {
+            v["transferred_bytes"] = json!(self.transferred_bytes);
         }
         v
     }

@@ -563,15 +563,25 @@ pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
     if link.send(&Message::ResyncDone { gens }).await.is_err() {
         return;
     }
-    {
+    let done = {
         let mut st = node.state();
         if st.conn == Conn::SyncSource {
             st.conn = Conn::Connected;
         }
-        st.resync = None;
-    }
-    tracing::info!("resync finished as source");
-    node.event("resync", json!({"state": "finished", "role": "source"}));
+        st.resync.take()
+    };
+    let (synced, sent, secs) = done.map_or((0, 0, 0.0), |p| {
+        (
+            p.done_bytes,
+            p.transferred_bytes,
+            p.started.elapsed().as_secs_f64(),
+        )
+    });
+    tracing::info!("resync finished as source: {synced} bytes brought in sync, {sent} bytes sent, in {secs:.2} s");
+    node.event(
+        "resync",
+        json!({"state": "finished", "role": "source", "synced_bytes": synced, "transferred_bytes": sent, "seconds": secs}),
+    );
 }
 
 async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(), LinkLost> {
@@ -583,20 +593,62 @@ async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(
             return Err(LinkLost);
         }
     };
-    let seq = link.next_seq();
-    let rx = link.expect(seq);
-    link.send_data(Kind::ResyncData, seq, offset, false, data)
-        .await?;
-    match rx.await.unwrap_or(Err(LinkLost))? {
-        Reply::Done => {
-            node.meta().mark_in_sync(offset, len);
-            if let Some(p) = node.state().resync.as_mut() {
-                p.done_bytes += len;
-            }
-            Ok(())
+    // With `checksum = true`, ask for the target's block digests first and send only the
+    // blocks that differ (most blocks marked after a crash are in fact identical).
+    let theirs = if node.cfg.resync.checksum {
+        let seq = link.next_seq();
+        match link
+            .request(seq, &Message::VerifyRequest { seq, offset, len })
+            .await?
+        {
+            Reply::Digests(d) => Some(d),
+            _ => return Err(LinkLost),
         }
-        _ => Err(LinkLost),
+    } else {
+        None
+    };
+    let mut waits = Vec::new();
+    let mut sent = 0u64;
+    for (i, block) in data.chunks(4096).enumerate() {
+        if theirs.as_ref().and_then(|t| t.get(i)) == Some(&crc32fast::hash(block)) {
+            continue;
+        }
+        // Coalesce with the previous differing block when adjacent.
+        let at = i * 4096;
+        match waits.last_mut() {
+            Some((start, end, _)) if *end == at => *end = at + block.len(),
+            _ => waits.push((at, at + block.len(), None)),
+        }
     }
+    for (start, end, rx) in waits.iter_mut() {
+        let seq = link.next_seq();
+        *rx = Some(link.expect(seq));
+        link.send_data(
+            Kind::ResyncData,
+            seq,
+            offset + *start as u64,
+            false,
+            data.slice(*start..*end),
+        )
+        .await?;
+        sent += (*end - *start) as u64;
+    }
+    for (_, _, rx) in waits {
+        match rx
+            .expect("registered above")
+            .await
+            .unwrap_or(Err(LinkLost))?
+        {
+            Reply::Done => {}
+            _ => return Err(LinkLost),
+        }
+    }
+    node.meta().mark_in_sync(offset, len);
+    if let Some(p) = node.state().resync.as_mut() {
+        p.done_bytes += len;
+        p.transferred_bytes += sent;
+    }
+    Ok(())
 }
 
 /// CRC32 of each 4 KiB block of a range.
