@@ -52,6 +52,22 @@ impl Generations {
         self.current = Self::random() | if primary { PRIMARY_BIT } else { 0 };
     }
 
+    /// Start a new generation for writes made without the peer (the lazy bump). Bit 0 of the
+    /// bitmap generation records whether this node was primary when the peer was lost, which
+    /// is what `discard-younger-primary` compares: the node that was still secondary then and
+    /// became primary later is the younger primary.
+    pub fn split_from_peer(&mut self, primary_when_peer_lost: bool) {
+        if self.bitmap == 0 {
+            self.bitmap = (self.current & !PRIMARY_BIT)
+                | if primary_when_peer_lost {
+                    PRIMARY_BIT
+                } else {
+                    0
+                };
+        }
+        self.current = Self::random() | PRIMARY_BIT;
+    }
+
     /// Clear the bitmap generation, moving it into history (resync finished / in sync).
     pub fn clear_bitmap(&mut self) {
         if self.bitmap != 0 {

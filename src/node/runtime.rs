@@ -137,6 +137,8 @@ pub struct Node {
     events: broadcast::Sender<String>,
     changed: watch::Sender<u64>,
     version: AtomicU64,
+    /// This node was primary when the peer was last lost (for discard-younger-primary).
+    primary_when_peer_lost: std::sync::atomic::AtomicBool,
     /// Counts NBD clients in the transmission phase (installed by `up`).
     pub nbd_clients: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
 }
@@ -185,7 +187,12 @@ impl Node {
             changed,
             version: AtomicU64::new(0),
             nbd_clients: std::sync::OnceLock::new(),
+            primary_when_peer_lost: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    pub fn primary_when_peer_lost(&self) -> bool {
+        self.primary_when_peer_lost.load(Ordering::Relaxed)
     }
 
     pub fn nbd_clients(&self) -> usize {
@@ -230,6 +237,8 @@ impl Node {
             }
         }
         let mut st = self.state();
+        self.primary_when_peer_lost
+            .store(st.role == Role::Primary, Ordering::Relaxed);
         st.conn = if st.want_connect {
             Conn::Connecting
         } else {

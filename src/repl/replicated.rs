@@ -14,6 +14,10 @@ use crate::node::runtime::Node;
 use crate::node::Role;
 use crate::store::{BlockStore, Extent, IoFuture};
 
+/// Writes larger than this that cannot pin their extents fail instead of waiting (a range
+/// spanning more extents than the activity log holds can never be pinned).
+const AL_WAIT_MAX: u64 = 64 * 1024 * 1024;
+
 pub struct ReplicatedStore {
     node: Arc<Node>,
 }
@@ -30,13 +34,19 @@ impl ReplicatedStore {
         Ok(())
     }
 
-    /// Before data lands in `[offset, offset+len)`: its activity-log extents are on disk.
-    fn activate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.node
-            .meta()
-            .activate(offset, len)
-            .map(|_| ())
-            .map_err(io::Error::other)
+    /// Before data lands in `[offset, offset+len)`: its activity-log extents are on disk and
+    /// pinned until the write is on both nodes or marked out of sync. When every slot is
+    /// pinned by in-flight writes, wait for one to finish.
+    async fn activate(&self, offset: u64, len: u64) -> io::Result<()> {
+        loop {
+            let r = self.node.meta().activate_pinned(offset, len);
+            match r {
+                Ok(_) => return Ok(()),
+                Err(crate::meta::MetaError::Invalid { .. }) if len <= AL_WAIT_MAX => {}
+                Err(e) => return Err(io::Error::other(e)),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// The peer does not have `[offset, offset+len)`: make sure a new generation is on disk
@@ -44,7 +54,8 @@ impl ReplicatedStore {
     fn degraded(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut meta = self.node.meta();
         if meta.superblock().gens.bitmap == 0 {
-            meta.update(|sb| sb.gens.new_current(true))
+            let was_primary = self.node.primary_when_peer_lost();
+            meta.update(|sb| sb.gens.split_from_peer(was_primary))
                 .map_err(io::Error::other)?;
             drop(meta);
             tracing::warn!("writing without the peer: started a new data generation");
@@ -71,7 +82,7 @@ impl ReplicatedStore {
     {
         self.check_primary()?;
         let _guard = self.node.locks.lock(offset, len).await;
-        self.activate(offset, len)?;
+        self.activate(offset, len).await?;
         let replicated = async {
             match self.node.link() {
                 Some(link) => match remote(link.next_seq()) {
@@ -82,14 +93,21 @@ impl ReplicatedStore {
             }
         };
         let (local, peer_has_it) = tokio::join!(local, replicated);
-        if !peer_has_it {
-            self.degraded(offset, len)?;
-        }
+        // Without the peer's acknowledgement the write may be acknowledged only once the new
+        // generation is on disk; if that fails, the client gets the error.
+        let degraded = if peer_has_it {
+            Ok(())
+        } else {
+            self.degraded(offset, len)
+        };
+        let mut meta = self.node.meta();
         if local.is_err() {
             // The copies may now differ in this range; the bitmap makes a resync repair it.
-            self.node.meta().mark_out_of_sync(offset, len);
+            meta.mark_out_of_sync(offset, len);
         }
-        local
+        meta.release(offset, len);
+        drop(meta);
+        degraded.and(local)
     }
 }
 
