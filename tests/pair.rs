@@ -23,6 +23,8 @@ fn fio_verify(uri: &str, size: &str, extra: &[&str]) {
         "--verify=crc32c".into(),
         "--verify_fatal=1".into(),
         "--do_verify=1".into(),
+        // fio would leave a verify-state file in the working directory.
+        "--verify_state_save=0".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = Command::new("fio").args(&args).output().unwrap();
