@@ -171,7 +171,10 @@ fn primary_killed_under_load_pair_chooses_a_direction_and_ends_identical() {
     std::thread::sleep(Duration::from_millis(1500));
     p.kill9("alpha");
     let _ = load.join();
+    // Both restarted: the survivor stops cleanly, the crashed primary comes back first.
+    assert_eq!(p.stop("beta"), Some(0));
     p.up("alpha");
+    p.up("beta");
     // Both come back secondary; the survivor (beta) is the sync source for alpha's
     // activity-log extents (DRBD 9's choice for protocol C).
     p.wait_in_sync(60);
@@ -418,4 +421,53 @@ fn primary_crash_resyncs_its_activity_log_extents_and_checksums_skip_equal_block
         p.stop("beta");
         p.assert_identical();
     }
+}
+
+#[test]
+fn a_peer_with_the_wrong_secret_fails_authentication_and_the_real_peer_still_connects() {
+    let mut p = Pair::started(16 * M, "");
+    p.stop("alpha");
+    p.wait_for("beta", "waiting for its peer", 10, |s| {
+        s["connection"] == "Connecting"
+    });
+    let cfg = std::fs::read_to_string(&p.config).unwrap();
+    let beta_repl = cfg
+        .lines()
+        .filter_map(|l| l.strip_prefix("replication = \""))
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+    // An impostor that knows the resource, the names and the size, but not the secret.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = rt.block_on(async {
+        let mut s = tokio::net::TcpStream::connect(&beta_repl).await.unwrap();
+        let id = tandem::repl::proto::Identity {
+            resource: "r0",
+            node: "alpha",
+            peer: "beta",
+            size: 16 * M,
+            secret: b"not-the-secret",
+        };
+        tandem::repl::proto::handshake(&mut s, &id).await
+    });
+    assert!(
+        matches!(result, Err(tandem::repl::proto::HandshakeError::AuthFailed)),
+        "{result:?}"
+    );
+    assert!(
+        p.log("beta").contains("authentication"),
+        "{}",
+        p.log("beta")
+    );
+    assert!(p.status("beta")["peer"].is_null());
+    // The real peer still gets in.
+    p.up("alpha");
+    p.wait_in_sync(20);
+    p.stop("alpha");
+    p.stop("beta");
+    p.assert_identical();
 }
