@@ -48,7 +48,29 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A port below the ephemeral range, never handed out twice in this run (the used ones are kept
+# in a file because callers run in subshells).
+free_port() {
+  python3 - "$work/ports" <<'PY'
+import random, socket, sys
+path = sys.argv[1]
+try:
+    used = set(open(path).read().split())
+except FileNotFoundError:
+    used = set()
+while True:
+    p = random.randrange(20000, 32000)
+    if str(p) in used:
+        continue
+    try:
+        socket.socket().bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    open(path, "a").write(f"{p}\n")
+    print(p)
+    break
+PY
+}
 
 show_logs() {
   for n in alpha beta serve nbdkit; do

@@ -198,10 +198,18 @@ impl From<Engine> for EngineChoice {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // A node's tokio workers only run protocol logic; data is copied by the ring thread and
+    // io_uring's kernel workers. Half the CPUs leaves room for those and for the peer's
+    // traffic: measured on 2 cores, 1 worker gave 1.4x the replicated 4 KiB write IOPS and
+    // 2x the resync rate of 2. TOKIO_WORKER_THREADS still overrides.
+    if matches!(cli.command, Command::Up { .. })
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
     {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        builder.worker_threads((cpus / 2).max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tandem: cannot start the runtime: {e}");
