@@ -410,7 +410,19 @@ fn primary_crash_resyncs_its_activity_log_extents_and_checksums_skip_equal_block
         );
         p.wait_in_sync(30);
         // The survivor is the sync source for the crashed primary's hot extents.
-        let (synced, sent) = resync_totals(&p.log("beta")).expect("beta ran a resync as source");
+        // The source logs its totals just after reporting Connected; wait for the line.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (synced, sent) = loop {
+            if let Some(t) = resync_totals(&p.log("beta")) {
+                break t;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "beta ran no resync as source:\n{}",
+                p.log("beta")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(synced >= 7 * M, "hot extents resynced: {synced}");
         if checksum {
             assert_eq!(sent, 0, "identical blocks must not be sent");
@@ -458,11 +470,12 @@ fn a_peer_with_the_wrong_secret_fails_authentication_and_the_real_peer_still_con
         matches!(result, Err(tandem::repl::proto::HandshakeError::AuthFailed)),
         "{result:?}"
     );
-    assert!(
-        p.log("beta").contains("authentication"),
-        "{}",
-        p.log("beta")
-    );
+    // Beta logs its side of the failure once it has checked the impostor's answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !p.log("beta").contains("authentication") {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log("beta"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(p.status("beta")["peer"].is_null());
     // The real peer still gets in.
     p.up("alpha");

@@ -236,6 +236,8 @@ impl Node {
                 return;
             }
         }
+        // Logged before the state changes, so whoever sees the new state finds the reason.
+        tracing::warn!("connection to {} lost: {why}", self.peer_cfg.name);
         let mut st = self.state();
         self.primary_when_peer_lost
             .store(st.role == Role::Primary, Ordering::Relaxed);
@@ -248,11 +250,24 @@ impl Node {
         st.verify = None;
         // A sync target whose resync did not finish stays Inconsistent.
         drop(st);
-        tracing::warn!("connection to {} lost: {why}", self.peer_cfg.name);
         self.event(
             "connection",
             json!({"state": "lost", "peer": self.peer_cfg.name, "reason": why}),
         );
+    }
+
+    /// Say goodbye to the peer (so it does not wait for its ping timeout) and drop the link.
+    async fn drop_link(&self, reason_for_peer: &str, why: &str) {
+        if let Some(link) = self.link() {
+            let _ = link
+                .send(&Message::Goodbye {
+                    reason: reason_for_peer.into(),
+                })
+                .await;
+            // Give the writer a moment to flush the goodbye before the socket closes.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            self.link_lost(&link, why);
+        }
     }
 
     /// Publish a state change: one JSON line on the events stream and a status bump.
@@ -411,15 +426,11 @@ impl Node {
         if fresh || disk != DiskState::UpToDate {
             // This node's data is now the reference: re-run the sync handshake so the peer
             // becomes the sync target at once.
-            if let Some(link) = self.link() {
-                let _ = link
-                    .send(&Message::Goodbye {
-                        reason: "peer promoted with new data; re-handshaking".into(),
-                    })
-                    .await;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                self.link_lost(&link, "re-handshaking after a forced promotion");
-            }
+            self.drop_link(
+                "peer promoted with new data; re-handshaking",
+                "re-handshaking after a forced promotion",
+            )
+            .await;
         } else {
             self.announce().await;
         }
@@ -485,16 +496,8 @@ impl Node {
             st.want_connect = false;
             st.conn = Conn::StandAlone;
         }
-        if let Some(link) = self.link() {
-            let _ = link
-                .send(&Message::Goodbye {
-                    reason: "peer disconnected by operator".into(),
-                })
-                .await;
-            // Give the writer a moment to flush the goodbye before the socket closes.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            self.link_lost(&link, "disconnected by operator");
-        }
+        self.drop_link("peer disconnected by operator", "disconnected by operator")
+            .await;
         self.state().conn = Conn::StandAlone;
         self.event(
             "connection",
@@ -523,15 +526,11 @@ impl Node {
             json!({"disk": "Inconsistent", "reason": "invalidate"}),
         );
         // Reconnect so the handshake makes the peer the sync source.
-        if let Some(link) = self.link() {
-            let _ = link
-                .send(&Message::Goodbye {
-                    reason: "peer invalidated its data".into(),
-                })
-                .await;
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            self.link_lost(&link, "invalidated; reconnecting for a full resync");
-        }
+        self.drop_link(
+            "peer invalidated its data",
+            "invalidated; reconnecting for a full resync",
+        )
+        .await;
         Ok("data invalidated; a full resync from the peer follows".into())
     }
 }

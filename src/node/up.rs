@@ -91,7 +91,7 @@ pub async fn up(config: &Path, name: &str) -> Result<(), Failure> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let n = node.clone();
     let stopper = tokio::spawn(async move {
-        wait_for_signal().await;
+        crate::cli::wait_for_signal().await;
         tracing::info!("shutting down {}: finishing in-flight requests", n.me.name);
         let _ = stop_tx.send(true);
     });
@@ -115,14 +115,4 @@ pub async fn up(config: &Path, name: &str) -> Result<(), Failure> {
     closed.map_err(|e| Failure::error(format!("recording the clean shutdown failed: {e}")))?;
     tracing::info!("node {} stopped cleanly", me.name);
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
