@@ -584,8 +584,21 @@ fn check_clashes(cx: &Cx, nodes: &[NodeConfig], lines: &[NodeLines]) -> Result<(
             ));
         }
     }
+    // Paths clash only on one machine: two storage nodes commonly use the same disk path
+    // (e.g. /dev/sdb on both). Nodes whose replication addresses share a host are taken to
+    // be on one machine (as in tests and demos on loopback).
+    let host = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n.name == name)
+            .and_then(|n| n.replication.rsplit_once(':'))
+            .map(|(h, _)| h.to_owned())
+    };
     for (i, a) in paths.iter().enumerate() {
-        if let Some(b) = paths[..i].iter().find(|b| b.3 == a.3) {
+        if let Some(b) = paths[..i]
+            .iter()
+            .find(|b| b.3 == a.3 && (b.0 == a.0 || host(b.0) == host(a.0)))
+        {
             return Err(clash(
                 (b.0, b.1, b.2),
                 (a.0, a.1, a.2),
@@ -1893,7 +1906,23 @@ witness = "127.0.0.1:7790"
             ),
         ];
         for (from, to, key, l1, l2) in cases {
+            // Path clashes count between nodes on one machine only.
             let t = edit(&example(), from, to);
+            if ["control", "disk", "meta"].contains(&key) {
+                assert!(
+                    Config::parse(&t, Path::new("r0.toml")).is_ok(),
+                    "same {key} on two machines is fine"
+                );
+            }
+            let t = if ["control", "disk", "meta"].contains(&key) {
+                edit(
+                    &edit(&t, "10.0.0.2:7789", "10.0.0.1:7790"),
+                    "10.0.0.2:10809",
+                    "10.0.0.1:10810",
+                )
+            } else {
+                t
+            };
             fails(
                 &t,
                 Some(l2),
