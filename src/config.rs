@@ -1029,15 +1029,28 @@ impl<'a> Tbl<'a> {
         )
     }
 
-    fn str(&self, key: &str) -> Result<Option<(&'a str, usize)>, ConfigError> {
+    /// The value of `key` with its line, if present and of the type `pick` accepts.
+    fn typed<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        pick: impl FnOnce(&'a Val) -> Option<T>,
+    ) -> Result<Option<(T, usize)>, ConfigError> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
         let line = self.cx.line(v.span());
-        match v.get_ref() {
-            Val::Str(s) => Ok(Some((s, line))),
-            other => Err(self.wrong_type(key, line, "a string", other)),
+        match pick(v.get_ref()) {
+            Some(t) => Ok(Some((t, line))),
+            None => Err(self.wrong_type(key, line, expected, v.get_ref())),
         }
+    }
+
+    fn str(&self, key: &str) -> Result<Option<(&'a str, usize)>, ConfigError> {
+        self.typed(key, "a string", |v| match v {
+            Val::Str(s) => Some(s.as_str()),
+            _ => None,
+        })
     }
 
     fn req_str(&self, key: &str) -> Result<(&'a str, usize), ConfigError> {
@@ -1063,40 +1076,28 @@ impl<'a> Tbl<'a> {
     }
 
     fn bool(&self, key: &str) -> Result<Option<(bool, usize)>, ConfigError> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let line = self.cx.line(v.span());
-        match v.get_ref() {
-            Val::Bool(b) => Ok(Some((*b, line))),
-            other => Err(self.wrong_type(key, line, "true or false", other)),
-        }
+        self.typed(key, "true or false", |v| match v {
+            Val::Bool(b) => Some(*b),
+            _ => None,
+        })
     }
 
     fn int(&self, key: &str) -> Result<Option<(i64, usize)>, ConfigError> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let line = self.cx.line(v.span());
-        match v.get_ref() {
-            Val::Int(n) => Ok(Some((*n, line))),
-            other => Err(self.wrong_type(key, line, "an integer", other)),
-        }
+        self.typed(key, "an integer", |v| match v {
+            Val::Int(n) => Some(*n),
+            _ => None,
+        })
     }
 
     /// A humantime duration string greater than zero.
     fn positive_duration(&self, key: &str) -> Result<Option<(Duration, usize)>, ConfigError> {
-        let Some(v) = self.get(key) else {
+        let expected = "a duration string like \"200ms\" or \"1s\"";
+        let Some((s, line)) = self.typed(key, expected, |v| match v {
+            Val::Str(s) => Some(s.as_str()),
+            _ => None,
+        })?
+        else {
             return Ok(None);
-        };
-        let line = self.cx.line(v.span());
-        let Val::Str(s) = v.get_ref() else {
-            return Err(self.wrong_type(
-                key,
-                line,
-                "a duration string like \"200ms\" or \"1s\"",
-                v.get_ref(),
-            ));
         };
         let d = humantime::parse_duration(s).map_err(|e| {
             self.bad(

@@ -7,6 +7,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
+use bytes::Bytes;
+
 use super::buf::{is_aligned, AlignedBuf};
 use super::Extent;
 
@@ -364,6 +366,34 @@ pub(crate) fn pread_full(b: &Backing, buf: &mut [u8], offset: u64) -> io::Result
 /// Largest read tried inline from the page cache (bigger copies would stall the caller's
 /// tokio worker).
 pub(crate) const INLINE_READ_MAX: usize = 64 << 10;
+
+/// How a read starts in either engine: what the page cache could serve on the caller's thread.
+pub(crate) enum ReadStart {
+    /// Served whole (or empty).
+    Done(Bytes),
+    /// `buf[..done]` is filled; the rest must be read by the engine.
+    Partial { buf: AlignedBuf, done: usize },
+}
+
+/// The shared start of a read: range check, empty read, cached prefix.
+pub(crate) fn start_read(
+    b: &Backing,
+    enabled: &AtomicBool,
+    offset: u64,
+    len: usize,
+) -> io::Result<ReadStart> {
+    check_range(b.size, offset, len as u64)?;
+    if len == 0 {
+        return Ok(ReadStart::Done(Bytes::new()));
+    }
+    let mut buf = AlignedBuf::for_overwrite(len);
+    let done = read_cached(b, enabled, offset, &mut buf);
+    Ok(if done == len {
+        ReadStart::Done(buf.into_bytes())
+    } else {
+        ReadStart::Partial { buf, done }
+    })
+}
 
 /// Try a small buffered read from the page cache on the calling thread with
 /// `preadv2(RWF_NOWAIT)`, which never waits for the device. A cached 4 KiB read then costs

@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::buf::AlignedBuf;
 use super::file::{
-    check_range, extents_sync, fadvise_willneed, pread_full, punch_hole, pwrite_all, read_cached,
-    read_only_error, write_zeroes_sync, Backing,
+    check_range, extents_sync, fadvise_willneed, pread_full, punch_hole, pwrite_all,
+    read_only_error, start_read, write_zeroes_sync, Backing, ReadStart,
 };
 use super::{BlockStore, Extent, IoFuture};
 
@@ -58,20 +57,17 @@ impl BlockStore for ThreadStore {
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
         Box::pin(async move {
-            check_range(self.backing.size, offset, len as u64)?;
-            if len == 0 {
-                return Ok(Bytes::new());
-            }
-            let mut buf = AlignedBuf::for_overwrite(len);
-            let done = read_cached(&self.backing, &self.nowait_reads, offset, &mut buf);
-            if done < len {
-                buf = self
-                    .run(move |b| {
-                        pread_full(b, &mut buf[done..], offset + done as u64)?;
-                        Ok(buf)
-                    })
-                    .await?;
-            }
+            let (mut buf, done) = match start_read(&self.backing, &self.nowait_reads, offset, len)?
+            {
+                ReadStart::Done(b) => return Ok(b),
+                ReadStart::Partial { buf, done } => (buf, done),
+            };
+            buf = self
+                .run(move |b| {
+                    pread_full(b, &mut buf[done..], offset + done as u64)?;
+                    Ok(buf)
+                })
+                .await?;
             Ok(buf.into_bytes())
         })
     }

@@ -32,8 +32,8 @@ use tokio::sync::oneshot;
 
 use super::buf::{is_aligned, AlignedBuf};
 use super::file::{
-    check_range, extents_sync, fadvise_willneed, is_unsupported, needs_aligned_copy, read_cached,
-    read_only_error, zero_chunks, zeroes, Backing, PUNCH_MODE, ZERO_MODE,
+    check_range, extents_sync, fadvise_willneed, is_unsupported, needs_aligned_copy,
+    read_only_error, start_read, zero_chunks, zeroes, Backing, ReadStart, PUNCH_MODE, ZERO_MODE,
 };
 use super::{BlockStore, Extent, IoFuture};
 
@@ -322,15 +322,10 @@ impl BlockStore for UringStore {
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
         Box::pin(async move {
-            check_range(self.backing.size, offset, len as u64)?;
-            if len == 0 {
-                return Ok(Bytes::new());
-            }
-            let mut buf = AlignedBuf::for_overwrite(len);
-            let done = read_cached(&self.backing, &self.nowait_reads, offset, &mut buf);
-            if done == len {
-                return Ok(buf.into_bytes());
-            }
+            let (buf, done) = match start_read(&self.backing, &self.nowait_reads, offset, len)? {
+                ReadStart::Done(b) => return Ok(b),
+                ReadStart::Partial { buf, done } => (buf, done),
+            };
             let req = Req::Read { offset, buf, done };
             let buf = self.call(req).await?.expect("a read returns its buffer");
             Ok(buf.into_bytes())
