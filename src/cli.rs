@@ -103,6 +103,24 @@ pub enum Command {
         #[command(flatten)]
         res: ResourceArgs,
     },
+    /// Planned role swap: drain and demote the primary, promote NAME with a new epoch.
+    /// Refused (exit 3) unless NAME is Connected and UpToDate.
+    Switchover {
+        #[arg(
+            short = 'c',
+            long = "config",
+            env = "TANDEM_CONFIG",
+            value_name = "FILE"
+        )]
+        config: PathBuf,
+        /// Ask this node's control socket (default: the first node of the config whose
+        /// control socket answers on this machine).
+        #[arg(short = 'n', long = "node", env = "TANDEM_NODE", value_name = "NAME")]
+        node: Option<String>,
+        /// The node that becomes primary.
+        #[arg(long, value_name = "NAME")]
+        to: String,
+    },
     /// Bring the peer link up (clears a split-brain StandAlone).
     Connect {
         #[command(flatten)]
@@ -133,6 +151,15 @@ pub enum Command {
         path: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Run the fencing witness until SIGTERM/SIGINT.
+    Witness {
+        /// HOST:PORT or unix:PATH.
+        #[arg(long, value_name = "ADDR")]
+        listen: ListenAddr,
+        /// State directory: <resource>.secret files in, <resource>.state files out.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
     },
 }
 
@@ -246,7 +273,13 @@ pub fn run(cli: Cli) -> ExitCode {
                 simple(&res, serde_json::json!({"cmd": "invalidate"})).await
             }
             Command::Verify { res, wait } => verify(&res, wait).await,
+            Command::Switchover { config, node, to } => switchover(&config, node, &to).await,
             Command::DumpMd { path, json } => dump_md(&path, json),
+            Command::Witness { listen, data } => {
+                crate::witness::run(&listen, &data, wait_for_signal())
+                    .await
+                    .map_err(|e| Failure::error(format!("witness: {e}")))
+            }
         }
     });
     match result {
@@ -318,6 +351,46 @@ async fn ask(res: &ResourceArgs, req: serde_json::Value) -> Result<serde_json::V
             message: reply["error"].as_str().unwrap_or("refused").to_owned(),
         })
     }
+}
+
+/// Run a switchover through whichever node's control socket answers here; that node
+/// coordinates with its peer over the replication link.
+async fn switchover(
+    config: &std::path::Path,
+    node: Option<String>,
+    to: &str,
+) -> Result<(), Failure> {
+    let cfg = crate::config::Config::load(config)?;
+    cfg.node(to)?;
+    let names: Vec<String> = match node {
+        Some(n) => vec![cfg.node(&n)?.name.clone()],
+        None => cfg.nodes.iter().map(|n| n.name.clone()).collect(),
+    };
+    let mut unreachable = Vec::new();
+    for name in names {
+        let path = cfg.node(&name)?.control.clone();
+        let req = serde_json::json!({"cmd": "switchover", "to": to});
+        match crate::control::request(&path, &req).await {
+            Ok(reply) if reply["ok"].as_bool() == Some(true) => {
+                println!("{}", reply["result"]["message"].as_str().unwrap_or("done"));
+                return Ok(());
+            }
+            Ok(reply) => {
+                return Err(Failure {
+                    code: reply["code"].as_u64().map_or(exit::ERROR, |c| c as u8),
+                    message: reply["error"].as_str().unwrap_or("refused").to_owned(),
+                })
+            }
+            Err(e) => unreachable.push(format!("{name} at {}: {e}", path.display())),
+        }
+    }
+    Err(Failure {
+        code: exit::UNREACHABLE,
+        message: format!(
+            "no node answered on this machine ({}); run switchover on a node of the pair",
+            unreachable.join("; ")
+        ),
+    })
 }
 
 async fn simple(res: &ResourceArgs, req: serde_json::Value) -> Result<(), Failure> {

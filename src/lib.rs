@@ -3,9 +3,11 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod fence;
 pub mod meta;
 pub mod nbd;
 pub mod node;
 pub mod repl;
 pub mod store;
 pub mod units;
+pub mod witness;

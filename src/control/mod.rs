@@ -69,6 +69,10 @@ async fn handle(node: Arc<Node>, sock: UnixStream) -> std::io::Result<()> {
                 .await
                 .map(|m| json!({"message": m})),
             "secondary" => node.demote().await.map(|m| json!({"message": m})),
+            "switchover" => {
+                let to = req.get("to").and_then(|v| v.as_str()).unwrap_or("");
+                node.switchover(to).await.map(|m| json!({"message": m}))
+            }
             "connect" => connect(&node, flag("discard_my_data")).await,
             "disconnect" => Ok(json!({"message": node.disconnect().await})),
             "invalidate" => node.invalidate().await.map(|m| json!({"message": m})),

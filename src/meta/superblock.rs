@@ -91,9 +91,12 @@ pub struct MetaFlags {
     pub al_clean: bool,
     /// A full sync was requested and has not completed yet.
     pub full_sync: bool,
+    /// Consistent but known stale: the peer went on without this node (fenced, or superseded
+    /// as primary). Never promoted automatically; cleared when a resync makes it UpToDate.
+    pub outdated: bool,
 }
 
-const FLAG_BITS: [(u32, &str); 7] = [
+const FLAG_BITS: [(u32, &str); 8] = [
     (1 << 0, "consistent"),
     (1 << 1, "was_up_to_date"),
     (1 << 2, "was_primary"),
@@ -101,10 +104,11 @@ const FLAG_BITS: [(u32, &str); 7] = [
     (1 << 4, "peer_outdated"),
     (1 << 5, "al_clean"),
     (1 << 6, "full_sync"),
+    (1 << 7, "outdated"),
 ];
 
 impl MetaFlags {
-    fn fields(&self) -> [bool; 7] {
+    fn fields(&self) -> [bool; 8] {
         [
             self.consistent,
             self.was_up_to_date,
@@ -113,6 +117,7 @@ impl MetaFlags {
             self.peer_outdated,
             self.al_clean,
             self.full_sync,
+            self.outdated,
         ]
     }
 
@@ -139,6 +144,7 @@ impl MetaFlags {
             peer_outdated: on(4),
             al_clean: on(5),
             full_sync: on(6),
+            outdated: on(7),
         })
     }
 

@@ -82,8 +82,10 @@ where
         export,
         tx,
     };
+    let mut kick = conn.export.kick.subscribe();
     let read_result = tokio::select! {
         r = conn.read_requests(&mut shutdown) => r,
+        _ = kick.changed() => Ok(()),
         // The writer only ends early when the socket broke; stop reading then too.
         w = &mut writer => {
             return match w {

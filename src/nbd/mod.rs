@@ -39,6 +39,9 @@ pub struct Export {
     /// Whether the export may be served now (a replicated secondary says no, naming the
     /// primary); consulted for every INFO, GO and EXPORT_NAME.
     gate: Option<Gate>,
+    /// Bumped to make every connection stop reading, finish its in-flight requests and close
+    /// (a primary handing over its role).
+    kick: watch::Sender<u64>,
 }
 
 pub type Gate = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -67,7 +70,14 @@ impl Export {
             clients: AtomicUsize::new(0),
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET_KIB)),
             gate,
+            kick: watch::channel(0).0,
         })
+    }
+
+    /// Close every client connection once its in-flight requests are answered. New clients
+    /// are still accepted (the gate decides whether they may negotiate).
+    pub fn kick_clients(&self) {
+        self.kick.send_modify(|k| *k += 1);
     }
 
     /// Clients in the transmission phase now.

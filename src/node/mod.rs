@@ -1,6 +1,7 @@
 //! The node: role, disk and connection state, and the pure decisions that drive them.
 
 pub mod decide;
+pub mod failover;
 pub mod policy;
 pub mod runtime;
 pub mod up;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
+use super::failover::Fence;
 use super::{DiskState, Role};
 use crate::config::{Config, NodeConfig};
 use crate::meta::gen::hex;
@@ -141,6 +142,19 @@ pub struct Node {
     primary_when_peer_lost: std::sync::atomic::AtomicBool,
     /// Counts NBD clients in the transmission phase (installed by `up`).
     pub nbd_clients: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    /// Disconnects every NBD client once its in-flight requests are answered (installed by `up`).
+    pub kick_clients: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// What a write the peer did not acknowledge may do (see `failover`).
+    pub(crate) fence: watch::Sender<Fence>,
+    /// Until when this primary's witness lease is valid, by its own monotonic clock.
+    pub(crate) lease_until: Mutex<Option<Instant>>,
+    /// Why the last lease renewal failed, for status.
+    pub(crate) lease_problem: Mutex<Option<String>>,
+    pub(crate) witness: tokio::sync::Mutex<Option<crate::fence::witness_client::WitnessClient>>,
+    /// Why an automatic promotion is not happening (or is waiting), for status.
+    pub(crate) failover_note: Mutex<Option<String>>,
+    /// A switchover is draining this primary: new NBD clients are refused.
+    pub switching: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -153,7 +167,9 @@ impl Node {
         meta: Meta,
     ) -> Arc<Node> {
         let sb = meta.superblock();
-        let disk = if sb.flags.consistent {
+        let disk = if sb.flags.consistent && sb.flags.outdated {
+            DiskState::Outdated
+        } else if sb.flags.consistent {
             DiskState::UpToDate
         } else {
             DiskState::Inconsistent
@@ -187,6 +203,13 @@ impl Node {
             changed,
             version: AtomicU64::new(0),
             nbd_clients: std::sync::OnceLock::new(),
+            kick_clients: std::sync::OnceLock::new(),
+            fence: watch::channel(Fence::Clear).0,
+            lease_until: Mutex::new(None),
+            lease_problem: Mutex::new(None),
+            witness: tokio::sync::Mutex::new(None),
+            failover_note: Mutex::new(None),
+            switching: std::sync::atomic::AtomicBool::new(false),
             primary_when_peer_lost: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -226,7 +249,8 @@ impl Node {
     }
 
     /// The link went away: forget it, and keep trying if the operator wants the link up.
-    pub fn link_lost(&self, link: &Arc<Link>, why: &str) {
+    /// `orderly`: the peer said goodbye (it is alive), so a secondary does not take over.
+    pub fn link_lost(self: &Arc<Self>, link: &Arc<Link>, why: &str, orderly: bool) {
         link.close();
         {
             let mut cur = self.link.lock().unwrap();
@@ -254,10 +278,14 @@ impl Node {
             "connection",
             json!({"state": "lost", "peer": self.peer_cfg.name, "reason": why}),
         );
+        let peer_was_primary = link.peer.lock().unwrap().role == Role::Primary;
+        if self.role() == Role::Primary || !orderly {
+            self.on_link_lost(peer_was_primary);
+        }
     }
 
     /// Say goodbye to the peer (so it does not wait for its ping timeout) and drop the link.
-    async fn drop_link(&self, reason_for_peer: &str, why: &str) {
+    async fn drop_link(self: &Arc<Self>, reason_for_peer: &str, why: &str) {
         if let Some(link) = self.link() {
             let _ = link
                 .send(&Message::Goodbye {
@@ -266,7 +294,7 @@ impl Node {
                 .await;
             // Give the writer a moment to flush the goodbye before the socket closes.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            self.link_lost(&link, why);
+            self.link_lost(&link, why, true);
         }
     }
 
@@ -309,6 +337,7 @@ impl Node {
             crashed_primary: sb.flags.crashed_primary,
             out_of_sync_bytes: meta.out_of_sync_bytes(),
             discard_my_data: st.discard_my_data,
+            epoch: sb.epoch,
         }
     }
 
@@ -320,6 +349,9 @@ impl Node {
     }
 
     pub fn status(&self) -> Value {
+        // Before taking the state lock: these take it themselves.
+        let lease = self.lease_json();
+        let failover = self.failover_json();
         let st = self.state();
         let meta = self.meta();
         let sb = meta.superblock();
@@ -347,6 +379,8 @@ impl Node {
                 "history": [hex(sb.gens.history[0]), hex(sb.gens.history[1])],
             },
             "epoch": sb.epoch,
+            "lease": lease,
+            "failover": failover,
             "nbd": {
                 "listen": self.me.nbd.to_string(),
                 "serving": st.role == Role::Primary,
@@ -364,7 +398,7 @@ impl Node {
     }
 
     /// `primary [--force]`.
-    pub async fn promote(&self, force: bool) -> Result<String, Refused> {
+    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String, Refused> {
         let (role, disk) = {
             let st = self.state();
             (st.role, st.disk)
@@ -381,25 +415,27 @@ impl Node {
             }
         }
         let fresh = self.meta().superblock().gens.current == crate::meta::gen::JUST_CREATED;
-        let mut note = String::new();
-        if disk != DiskState::UpToDate {
-            if !force {
-                return Err(Refused::state(format!(
-                    "disk is {}; promoting would serve data that may be stale (use --force to override)",
-                    disk.as_str()
-                )));
-            }
-            note = format!(" (forced: disk was {})", disk.as_str());
-        } else if force && self.link().is_none() {
-            note = " (forced, peer not connected: its data is not known to be outdated)".into();
+        if disk != DiskState::UpToDate && !force {
+            return Err(Refused::state(format!(
+                "disk is {}; promoting would serve data that may be stale (use --force to override)",
+                disk.as_str()
+            )));
         }
-        if fresh || disk != DiskState::UpToDate {
+        // Fencing first (the witness's epoch, or the handler's proof): nothing changes
+        // locally if it refuses.
+        let (epoch, mut why) = self.fence_for_promotion(force).await?;
+        let new_data = fresh || disk != DiskState::UpToDate;
+        if disk != DiskState::UpToDate {
+            why = format!("{why} (forced: disk was {})", disk.as_str());
+        }
+        if new_data {
             // This node's data becomes the reference: a new generation, and everything must
             // be copied to the peer.
             self.persist(|sb| {
                 sb.gens.bitmap = 0;
                 sb.gens.current = crate::meta::Generations::random();
                 sb.flags.consistent = true;
+                sb.flags.outdated = false;
             })?;
             let mut meta = self.meta();
             meta.set_all_out_of_sync();
@@ -408,37 +444,20 @@ impl Node {
             drop(meta);
             self.state().disk = DiskState::UpToDate;
         }
-        self.persist(|sb| {
-            sb.flags.was_primary = true;
-            sb.gens.set_primary(true);
-        })?;
-        self.state().role = Role::Primary;
-        let msg = format!("promoted to primary{note}");
-        if force {
-            tracing::warn!("{msg}");
-        } else {
-            tracing::info!("{msg}");
-        }
-        self.event(
-            "role",
-            json!({"role": "primary", "forced": force, "reason": msg}),
-        );
-        if fresh || disk != DiskState::UpToDate {
-            // This node's data is now the reference: re-run the sync handshake so the peer
-            // becomes the sync target at once.
+        self.become_primary(epoch, &why, force).await;
+        if new_data {
+            // Re-run the sync handshake so the peer becomes the sync target at once.
             self.drop_link(
                 "peer promoted with new data; re-handshaking",
                 "re-handshaking after a forced promotion",
             )
             .await;
-        } else {
-            self.announce().await;
         }
-        Ok(msg)
+        Ok(format!("promoted to primary: {why}"))
     }
 
     /// `secondary`.
-    pub async fn demote(&self) -> Result<String, Refused> {
+    pub async fn demote(self: &Arc<Self>) -> Result<String, Refused> {
         if self.role() == Role::Secondary {
             return Ok("already secondary".into());
         }
@@ -458,6 +477,8 @@ impl Node {
             sb.gens.set_primary(false);
         })?;
         self.state().role = Role::Secondary;
+        self.release_lease().await;
+        self.set_fence(Fence::Clear);
         tracing::info!("demoted to secondary");
         self.event(
             "role",
@@ -490,7 +511,7 @@ impl Node {
     }
 
     /// `disconnect`.
-    pub async fn disconnect(&self) -> String {
+    pub async fn disconnect(self: &Arc<Self>) -> String {
         {
             let mut st = self.state();
             st.want_connect = false;
@@ -507,7 +528,7 @@ impl Node {
     }
 
     /// `invalidate`: discard local data; a full resync from the peer follows.
-    pub async fn invalidate(&self) -> Result<String, Refused> {
+    pub async fn invalidate(self: &Arc<Self>) -> Result<String, Refused> {
         if self.role() == Role::Primary {
             return Err(Refused::state(
                 "refusing to invalidate the primary's data; demote first",

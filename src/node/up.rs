@@ -44,7 +44,16 @@ pub async fn up(config: &Path, name: &str) -> Result<(), Failure> {
     let store: SharedStore = Arc::new(ReplicatedStore::new(node.clone()));
     let weak: Weak<Node> = Arc::downgrade(&node);
     let gate: nbd::Gate = Box::new(move || match weak.upgrade() {
-        Some(n) if n.role() == Role::Primary => Ok(()),
+        Some(n)
+            if n.role() == Role::Primary
+                && !n.switching.load(std::sync::atomic::Ordering::Acquire) =>
+        {
+            Ok(())
+        }
+        Some(n) if n.role() == Role::Primary => Err(format!(
+            "node {} is handing the primary role for {} over to {} at {}",
+            n.me.name, n.cfg.resource.name, n.peer_cfg.name, n.peer_cfg.nbd
+        )),
         Some(n) => {
             let primary = n
                 .link()
@@ -65,6 +74,10 @@ pub async fn up(config: &Path, name: &str) -> Result<(), Failure> {
     let export = nbd::Export::with_gate(cfg.resource.name.clone(), store, false, Some(gate));
     let counted = export.clone();
     let _ = node.nbd_clients.set(Box::new(move || counted.clients()));
+    let kicked = export.clone();
+    let _ = node
+        .kick_clients
+        .set(Box::new(move || kicked.kick_clients()));
 
     let listener = Listener::bind(&me.nbd)
         .await

@@ -32,6 +32,8 @@ pub enum Reply {
     Done,
     Failed(i32),
     Digests(Vec<u32>),
+    /// The peer refused a request, saying why.
+    Error(String),
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::meta::Generations;
 use crate::node::{DiskState, Role};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const FRAME_MAGIC: u32 = 0x544e_444d; // "TNDM"
 pub const HEADER_LEN: usize = 32;
 /// Largest body of any frame: a 32 MiB write plus slack; anything larger is garbage.
@@ -109,6 +109,19 @@ pub enum Message {
     },
     Ping,
     PingAck,
+    /// Switchover: the primary has drained, demoted and released its lease; the peer should
+    /// promote now and answer with `TakeOverReply`.
+    TakeOver {
+        seq: u64,
+    },
+    TakeOverReply {
+        seq: u64,
+        error: Option<String>,
+    },
+    /// Switchover asked on the secondary: the primary should hand over to it.
+    HandOver {
+        seq: u64,
+    },
     /// Orderly shutdown of the link (e.g. `disconnect`): no reconnect decision is implied.
     Goodbye {
         reason: String,
@@ -123,6 +136,8 @@ pub struct PeerState {
     pub crashed_primary: bool,
     pub out_of_sync_bytes: u64,
     pub discard_my_data: bool,
+    /// The highest fencing epoch this node knows.
+    pub epoch: u64,
 }
 
 /// A received frame.

@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::link::Link;
 use super::proto::Message;
-use super::session::{replicate_control, replicate_write};
+use super::session::{replicate_control, replicate_write, Replicated};
+use crate::node::failover::Hold;
 use crate::node::runtime::Node;
 use crate::node::Role;
 use crate::store::{BlockStore, Extent, IoFuture};
@@ -69,13 +71,15 @@ impl ReplicatedStore {
         Ok(())
     }
 
-    /// Run a write-like operation locally and on the peer, under the range lock.
+    /// Run a write-like operation locally and on the peer, under the range lock. When the
+    /// link is lost before the peer answered, the operation is held until fencing decides:
+    /// resent on a new link, acknowledged without the peer, or failed.
     async fn both<F>(
         &self,
         offset: u64,
         len: u64,
         local: F,
-        remote: impl FnOnce(u64) -> Remote,
+        remote: impl Fn(u64) -> Remote,
     ) -> io::Result<()>
     where
         F: std::future::Future<Output = io::Result<()>>,
@@ -83,31 +87,47 @@ impl ReplicatedStore {
         self.check_primary()?;
         let _guard = self.node.locks.lock(offset, len).await;
         self.activate(offset, len).await?;
-        let replicated = async {
-            match self.node.link() {
-                Some(link) => match remote(link.next_seq()) {
-                    Remote::Write(data, fua) => replicate_write(&link, offset, data, fua).await,
-                    Remote::Control(seq, msg) => replicate_control(&link, seq, msg).await,
-                },
-                None => false,
+        let send = |link: Option<Arc<Link>>| {
+            let remote = &remote;
+            async move {
+                match link {
+                    Some(link) => match remote(link.next_seq()) {
+                        Remote::Write(data, fua) => replicate_write(&link, offset, data, fua).await,
+                        Remote::Control(seq, msg) => replicate_control(&link, seq, msg).await,
+                    },
+                    None => Replicated::LinkLost,
+                }
             }
         };
-        let (local, peer_has_it) = tokio::join!(local, replicated);
-        // Without the peer's acknowledgement the write may be acknowledged only once the new
-        // generation is on disk; if that fails, the client gets the error.
-        let degraded = if peer_has_it {
-            Ok(())
-        } else {
-            self.degraded(offset, len)
+        let (local, mut peer) = tokio::join!(local, send(self.node.link()));
+        let held = loop {
+            if peer != Replicated::LinkLost {
+                break Ok(());
+            }
+            match self.node.hold_for_fencing().await {
+                Hold::Retry(link) => peer = send(Some(link)).await,
+                Hold::Degraded => break Ok(()),
+                Hold::Fail(why) => break Err(why),
+            }
         };
         let mut meta = self.node.meta();
-        if local.is_err() {
+        if local.is_err() || held.is_err() {
             // The copies may now differ in this range; the bitmap makes a resync repair it.
             meta.mark_out_of_sync(offset, len);
         }
-        meta.release(offset, len);
         drop(meta);
-        degraded.and(local)
+        // Without the peer's acknowledgement the write may be acknowledged only once the new
+        // generation is on disk; if that fails, the client gets the error.
+        let result = match held {
+            Err(why) => {
+                tracing::debug!("write at {offset} not acknowledged: {why}");
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            Ok(()) if peer != Replicated::Acked => self.degraded(offset, len).and(local),
+            Ok(()) => local,
+        };
+        self.node.meta().release(offset, len);
+        result
     }
 }
 
@@ -129,8 +149,10 @@ impl BlockStore for ReplicatedStore {
         Box::pin(async move {
             let len = data.len() as u64;
             let local = self.node.store.write(offset, data.clone(), fua);
-            self.both(offset, len, local, |_| Remote::Write(data, fua))
-                .await
+            self.both(offset, len, local, move |_| {
+                Remote::Write(data.clone(), fua)
+            })
+            .await
         })
     }
 
@@ -143,7 +165,7 @@ impl BlockStore for ReplicatedStore {
                         let seq = link.next_seq();
                         replicate_control(&link, seq, Message::Flush { seq }).await
                     }
-                    None => true,
+                    None => Replicated::Acked,
                 }
             };
             let (local, _) = tokio::join!(local, remote);

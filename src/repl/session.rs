@@ -169,6 +169,17 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             "peer bitmap has the wrong size".into(),
         ));
     }
+    if peer.epoch > mine.epoch && mine.role == Role::Primary {
+        // The witness gave the peer a newer epoch: this node was superseded while away.
+        node.lose_primary(format!(
+            "{} holds newer epoch {} (mine is {})",
+            node.peer_cfg.name, peer.epoch, mine.epoch
+        ));
+        return Err(HandshakeError::Protocol(
+            "superseded by the peer's newer epoch; re-handshaking as secondary".into(),
+        ));
+    }
+    node.adopt_epoch(peer.epoch);
 
     let verdict = decide(
         &side(&node.me.name, &mine),
@@ -197,6 +208,11 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
                     false,
                 )
             } else {
+                if node.state().disk == DiskState::Outdated && peer.disk == DiskState::UpToDate {
+                    // Same data as an UpToDate peer: not outdated after all.
+                    let _ = node.persist(|sb| sb.flags.outdated = false);
+                    node.state().disk = DiskState::UpToDate;
+                }
                 (Conn::Connected, false)
             }
         }
@@ -260,6 +276,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             .map_err(|e| HandshakeError::Protocol(e.message))?;
     }
 
+    let peer_up_to_date = peer.disk == DiskState::UpToDate;
     let link = Link::start(w, node.peer_cfg.name.clone(), peer);
     if !node.set_link(link.clone()) {
         link.close();
@@ -267,6 +284,8 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             "another link came up first".into(),
         ));
     }
+    // Writes held by fencing go to this link now.
+    node.set_fence(crate::node::failover::Fence::Clear);
     {
         let mut st = node.state();
         st.conn = conn;
@@ -286,16 +305,20 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
         json!({"state": conn.as_str(), "peer": node.peer_cfg.name, "full_sync": full, "decision": explain}),
     );
 
+    if conn == Conn::Connected && peer_up_to_date {
+        let n = node.clone();
+        tokio::spawn(async move { n.peer_in_sync().await });
+    }
     let last_rx = Arc::new(AtomicU64::new(now_ms()));
     tokio::spawn(ping_loop(node.clone(), link.clone(), last_rx.clone()));
     if conn == Conn::SyncSource {
         tokio::spawn(resync_source(node.clone(), link.clone()));
     }
-    let reason = match read_loop(&node, &link, r, &last_rx).await {
-        Ok(reason) => reason,
-        Err(e) => format!("{e}"),
+    let (reason, orderly) = match read_loop(&node, &link, r, &last_rx).await {
+        Ok(end) => end,
+        Err(e) => (format!("{e}"), false),
     };
-    node.link_lost(&link, &reason);
+    node.link_lost(&link, &reason, orderly);
     Ok(())
 }
 
@@ -326,7 +349,11 @@ async fn ping_loop(node: Arc<Node>, link: Arc<Link>, last_rx: Arc<AtomicU64>) {
             _ = closed.wait_for(|c| *c) => return,
         }
         if now_ms().saturating_sub(last_rx.load(Ordering::Relaxed)) > timeout {
-            node.link_lost(&link, &format!("peer did not answer for {timeout} ms"));
+            node.link_lost(
+                &link,
+                &format!("peer did not answer for {timeout} ms"),
+                false,
+            );
             return;
         }
         if link.send(&Message::Ping).await.is_err() {
@@ -335,18 +362,19 @@ async fn ping_loop(node: Arc<Node>, link: Arc<Link>, last_rx: Arc<AtomicU64>) {
     }
 }
 
-/// Dispatch frames from the peer until the link ends; returns why it ended.
+/// Dispatch frames from the peer until the link ends; returns why it ended and whether the
+/// peer ended it in an orderly way (goodbye, or this node closed it).
 async fn read_loop<R: AsyncRead + Unpin>(
     node: &Arc<Node>,
     link: &Arc<Link>,
     mut r: R,
     last_rx: &AtomicU64,
-) -> std::io::Result<String> {
+) -> std::io::Result<(String, bool)> {
     let mut closed = link.closed();
     loop {
         let frame = tokio::select! {
             f = read_frame(&mut r) => f?,
-            _ = closed.wait_for(|c| *c) => return Ok("link closed".into()),
+            _ = closed.wait_for(|c| *c) => return Ok(("link closed".into(), true)),
         };
         last_rx.store(now_ms(), Ordering::Relaxed);
         match frame {
@@ -358,8 +386,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             } => {
                 let (n, l) = (node.clone(), link.clone());
                 tokio::spawn(async move {
+                    let len = data.len() as u64;
                     let r = n.store.write(offset, data, fua).await;
-                    ack_apply(&n, &l, seq, offset, 0, r).await;
+                    ack_apply(&n, &l, seq, offset, len, r).await;
                 });
             }
             Frame::ResyncData { seq, offset, data } => {
@@ -434,14 +463,43 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     node.announce().await;
                 }
                 Message::State(ps) => {
+                    let became_up_to_date = ps.disk == DiskState::UpToDate
+                        && link.peer.lock().unwrap().disk != DiskState::UpToDate;
+                    node.adopt_epoch(ps.epoch);
                     *link.peer.lock().unwrap() = ps;
                     node.bump();
+                    if became_up_to_date {
+                        let n = node.clone();
+                        tokio::spawn(async move { n.peer_in_sync().await });
+                    }
+                }
+                Message::TakeOver { seq } => {
+                    let n = node.clone();
+                    let l = link.clone();
+                    tokio::spawn(async move {
+                        let error = n.promote(false).await.err().map(|e| e.message);
+                        let _ = l.send(&Message::TakeOverReply { seq, error }).await;
+                    });
+                }
+                Message::HandOver { seq } => {
+                    let n = node.clone();
+                    let l = link.clone();
+                    tokio::spawn(async move {
+                        let to = n.peer_cfg.name.clone();
+                        let error = n.switchover(&to).await.err().map(|e| e.message);
+                        let _ = l.send(&Message::TakeOverReply { seq, error }).await;
+                    });
+                }
+                Message::TakeOverReply { seq, error } => {
+                    link.complete(seq, error.map_or(Reply::Done, Reply::Error))
                 }
                 Message::Ping => {
                     let _ = link.send(&Message::PingAck).await;
                 }
                 Message::PingAck => {}
-                Message::Goodbye { reason } => return Ok(format!("peer said goodbye: {reason}")),
+                Message::Goodbye { reason } => {
+                    return Ok((format!("peer said goodbye: {reason}"), true))
+                }
                 other => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
@@ -463,6 +521,8 @@ async fn ack_apply(n: &Node, l: &Link, seq: u64, offset: u64, len: u64, r: std::
                 n.meta().mark_out_of_sync(offset, len);
             }
             tracing::error!("applying replicated write at {offset} failed: {e}");
+            // This copy now lacks an acknowledged write: it must not take over.
+            n.outdate_myself(&format!("a replicated write at {offset} failed: {e}"));
             Message::WriteFailed {
                 seq,
                 errno: e.raw_os_error().unwrap_or(libc::EIO),
@@ -481,6 +541,7 @@ fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations) {
             meta.update(|sb| {
                 sb.gens.adopt(&gens);
                 sb.flags.consistent = true;
+                sb.flags.outdated = false;
                 sb.flags.crashed_primary = false;
             })
         })
@@ -727,13 +788,32 @@ pub async fn verify(node: Arc<Node>) -> Result<Progress, String> {
     result.map(|_| p)
 }
 
-/// Replicate a write-like operation: returns whether the peer has it.
-pub async fn replicate_control(link: &Link, seq: u64, msg: Message) -> bool {
-    matches!(link.request(seq, &msg).await, Ok(Reply::Done))
+/// What became of an operation sent to the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replicated {
+    /// The peer has it.
+    Acked,
+    /// The peer is connected but failed to apply it (its copy is now behind).
+    PeerFailed,
+    /// The link was lost before the peer answered: the peer may or may not have it.
+    LinkLost,
+}
+
+fn replicated(ack: Result<Reply, LinkLost>) -> Replicated {
+    match ack {
+        Ok(Reply::Done) => Replicated::Acked,
+        Ok(_) => Replicated::PeerFailed,
+        Err(LinkLost) => Replicated::LinkLost,
+    }
+}
+
+/// Replicate a write-like control operation and wait for the peer's answer.
+pub async fn replicate_control(link: &Link, seq: u64, msg: Message) -> Replicated {
+    replicated(link.request(seq, &msg).await)
 }
 
 /// Send an application write to the peer and wait for its acknowledgement.
-pub async fn replicate_write(link: &Link, offset: u64, data: Bytes, fua: bool) -> bool {
+pub async fn replicate_write(link: &Link, offset: u64, data: Bytes, fua: bool) -> Replicated {
     let seq = link.next_seq();
     let rx = link.expect(seq);
     if link
@@ -741,7 +821,7 @@ pub async fn replicate_write(link: &Link, offset: u64, data: Bytes, fua: bool) -
         .await
         .is_err()
     {
-        return false;
+        return Replicated::LinkLost;
     }
-    matches!(rx.await, Ok(Ok(Reply::Done)))
+    replicated(rx.await.unwrap_or(Err(LinkLost)))
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod failover;
 pub mod pair;
 
 pub const MIB: u64 = 1 << 20;

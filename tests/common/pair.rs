@@ -21,6 +21,16 @@ pub struct Pair {
 impl Pair {
     /// Write a config (with `extra` TOML appended) and create metadata on both nodes.
     pub fn new(size: u64, extra: &str) -> Pair {
+        Self::with_sections(
+            size,
+            "ping_timeout = \"1s\"\n",
+            "[failover]\nfencing = \"none\"\n",
+            extra,
+        )
+    }
+
+    /// Like `new`, with extra `[net]` keys and a whole `[failover]` section.
+    pub fn with_sections(size: u64, net: &str, failover: &str, extra: &str) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("secret"), "test-secret\n").unwrap();
@@ -39,7 +49,7 @@ impl Pair {
         let config = d.join("r0.toml");
         let text = format!(
             "[resource]\nname = \"r0\"\n\n{nodes}[net]\nsecret_file = \"{}/secret\"\nping_interval = \"100ms\"\n\
-             ping_timeout = \"1s\"\nconnect_interval = \"100ms\"\n\n[failover]\nfencing = \"none\"\n\n{extra}\n",
+             {net}connect_interval = \"100ms\"\n\n{failover}\n{extra}\n",
             d.display()
         );
         std::fs::write(&config, text).unwrap();
@@ -123,6 +133,14 @@ impl Pair {
 
     pub fn log(&self, node: &str) -> String {
         std::fs::read_to_string(self.path(&format!("{node}.log"))).unwrap_or_default()
+    }
+
+    pub fn running(&self, node: &str) -> bool {
+        self.procs.contains_key(node)
+    }
+
+    pub fn nbd_port(&self, node: &str) -> u16 {
+        self.nbd_ports[node]
     }
 
     pub fn pid(&self, node: &str) -> i32 {

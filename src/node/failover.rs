@@ -1,0 +1,875 @@
+//! Failover: the lease a witness-fenced primary holds, fencing the peer when the link is lost,
+//! automatic promotion of a secondary whose primary disappeared, and switchover.
+//!
+//! The one-writer rule (DESIGN.md invariant 2) rests on two facts. A write the peer
+//! acknowledged is on both nodes, and the peer stops acknowledging before it ever asks to
+//! promote (it drops the link first), so such writes are safe whatever the lease says. A write
+//! acknowledged *without* the peer needs both a valid lease for the current epoch and the peer
+//! proven outdated for that epoch (by the witness or the fence handler); until then it is held.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::runtime::{Node, Refused};
+use super::{DiskState, Role};
+use crate::config::Fencing;
+use crate::fence::handler::{self, HandlerDecision};
+use crate::fence::witness_client::{Refusal, Reply as WReply, Request as WRequest, WitnessClient};
+use crate::repl::link::Link;
+
+/// How long a fence handler may run before it counts as broken.
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an undecided fence (unreachable witness, broken handler) is retried.
+const FENCE_RETRY: Duration = Duration::from_millis(250);
+
+/// What a primary may do with a write the peer did not acknowledge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// The peer is connected (or this node is not primary): nothing to decide.
+    Clear,
+    /// The link is gone and fencing is in progress: hold the write.
+    Pending(String),
+    /// The peer is proven unable to acknowledge writes: go on without it (bitmap).
+    PeerOutdated(String),
+    /// This node may not acknowledge writes any more (superseded, outdated itself).
+    Lost(String),
+}
+
+impl Fence {
+    pub fn to_json(&self) -> Value {
+        let (state, reason) = match self {
+            Fence::Clear => ("clear", None),
+            Fence::Pending(r) => ("pending", Some(r)),
+            Fence::PeerOutdated(r) => ("peer-outdated", Some(r)),
+            Fence::Lost(r) => ("lost", Some(r)),
+        };
+        json!({"state": state, "reason": reason})
+    }
+}
+
+/// What a held write does next.
+pub enum Hold {
+    /// A link is up again: send the write to the peer.
+    Retry(Arc<Link>),
+    /// Acknowledge it without the peer.
+    Degraded,
+    /// Fail it: this node must not acknowledge it.
+    Fail(String),
+}
+
+/// Lease timing shared by the node and the witness: the holder trusts its lease until
+/// `sent + lease - margin`; the witness hands the epoch on only after `expiry + margin`.
+pub fn lease_margin(lease: Duration) -> Duration {
+    (lease / 10).max(Duration::from_millis(50))
+}
+
+/// Why a secondary that lost its primary may not promote itself, or `None` if it may try.
+pub fn auto_promotion_blocked(
+    auto: bool,
+    fencing: Fencing,
+    disk: DiskState,
+    role: Role,
+    peer_was_primary: bool,
+) -> Option<String> {
+    if role == Role::Primary || !peer_was_primary {
+        return Some("the lost peer was not primary".into());
+    }
+    if !auto {
+        return Some("[failover] auto = false".into());
+    }
+    if fencing == Fencing::None {
+        return Some(
+            "fencing = \"none\": no automatic promotion (use tandem primary --force)".into(),
+        );
+    }
+    if disk != DiskState::UpToDate {
+        return Some(format!(
+            "disk is {}: only UpToDate data is promoted automatically",
+            disk.as_str()
+        ));
+    }
+    None
+}
+
+impl Node {
+    fn witness_client(&self) -> Option<WitnessClient> {
+        let addr = self.cfg.failover.witness.clone()?;
+        Some(WitnessClient::new(
+            addr,
+            self.cfg.resource.name.clone(),
+            self.me.name.clone(),
+            self.secret.clone(),
+            self.cfg.net.ping_timeout.max(Duration::from_millis(500)),
+        ))
+    }
+
+    /// One request to the witness on this node's persistent client connection.
+    async fn witness(
+        &self,
+        req: WRequest,
+    ) -> Result<WReply, crate::fence::witness_client::WitnessError> {
+        let mut guard = self.witness.lock().await;
+        if guard.is_none() {
+            *guard = self.witness_client();
+        }
+        let client = guard
+            .as_mut()
+            .expect("witness fencing has a witness address");
+        client.call(req).await
+    }
+
+    pub fn fence(&self) -> Fence {
+        self.fence.borrow().clone()
+    }
+
+    pub(crate) fn set_fence(&self, f: Fence) {
+        if *self.fence.borrow() == f {
+            return;
+        }
+        match &f {
+            Fence::Clear => {}
+            Fence::Pending(r) | Fence::PeerOutdated(r) => tracing::warn!("fencing: {r}"),
+            Fence::Lost(r) => tracing::error!("fencing: {r}"),
+        }
+        self.fence.send_replace(f.clone());
+        self.event("fencing", f.to_json());
+    }
+
+    pub fn lease_valid(&self) -> bool {
+        self.lease_until
+            .lock()
+            .unwrap()
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    pub fn lease_json(&self) -> Value {
+        if self.cfg.failover.fencing != Fencing::Witness || self.role() != Role::Primary {
+            return Value::Null;
+        }
+        let until = *self.lease_until.lock().unwrap();
+        let remaining = until.map(|t| t.saturating_duration_since(Instant::now()));
+        json!({
+            "valid": remaining.is_some_and(|r| !r.is_zero()),
+            "remaining_ms": remaining.map(|r| r.as_millis() as u64),
+            "problem": *self.lease_problem.lock().unwrap(),
+        })
+    }
+
+    fn set_note(&self, note: Option<String>) {
+        let mut cur = self.failover_note.lock().unwrap();
+        if *cur != note {
+            if let Some(n) = &note {
+                tracing::warn!("failover: {n}");
+            }
+            *cur = note.clone();
+            drop(cur);
+            self.event("failover", json!({"note": note}));
+        }
+    }
+
+    /// A write the peer did not acknowledge waits here until it may be acknowledged without
+    /// the peer, must go to a new link, or must fail.
+    pub async fn hold_for_fencing(&self) -> Hold {
+        let mut fence = self.fence.subscribe();
+        loop {
+            if self.role() != Role::Primary {
+                return Hold::Fail("no longer primary".into());
+            }
+            if let Some(link) = self.link() {
+                return Hold::Retry(link);
+            }
+            match &*fence.borrow_and_update() {
+                Fence::Lost(why) => return Hold::Fail(why.clone()),
+                Fence::PeerOutdated(_)
+                    if self.cfg.failover.fencing != Fencing::Witness || self.lease_valid() =>
+                {
+                    return Hold::Degraded
+                }
+                _ => {}
+            }
+            // Wake on a fence decision, or poll for a new link / renewed lease.
+            let _ = tokio::time::timeout(Duration::from_millis(10), fence.changed()).await;
+        }
+    }
+
+    /// The link to the peer went away (called by `link_lost`).
+    pub(crate) fn on_link_lost(self: &Arc<Self>, peer_was_primary: bool) {
+        if self.role() == Role::Primary {
+            match self.cfg.failover.fencing {
+                Fencing::None => self.set_fence(Fence::PeerOutdated(
+                    "fencing = \"none\": going on without the peer".into(),
+                )),
+                _ => {
+                    self.set_fence(Fence::Pending(format!(
+                        "lost {}: writes held until it is fenced",
+                        self.peer_cfg.name
+                    )));
+                    let n = self.clone();
+                    tokio::spawn(async move { n.fence_peer().await });
+                }
+            }
+            return;
+        }
+        let st = self.state();
+        let blocked = auto_promotion_blocked(
+            self.cfg.failover.auto,
+            self.cfg.failover.fencing,
+            st.disk,
+            st.role,
+            peer_was_primary,
+        );
+        drop(st);
+        match blocked {
+            Some(why) if peer_was_primary => self.set_note(Some(format!("not promoting: {why}"))),
+            Some(_) => {}
+            None => {
+                let n = self.clone();
+                tokio::spawn(async move { n.auto_promote().await });
+            }
+        }
+    }
+
+    /// Primary side of a lost link: prove the peer outdated (or learn this node is the one
+    /// that must stop). Ends when decided or when a new link comes up first.
+    async fn fence_peer(self: Arc<Self>) {
+        let epoch = self.meta().superblock().epoch;
+        loop {
+            if self.link().is_some() {
+                tracing::info!("peer reconnected before fencing finished: held writes are resent");
+                self.set_fence(Fence::Clear);
+                return;
+            }
+            if self.role() != Role::Primary {
+                return;
+            }
+            match self.cfg.failover.fencing {
+                Fencing::Witness => {
+                    let sent = Instant::now();
+                    let req = WRequest::Outdate {
+                        epoch,
+                        peer: self.peer_cfg.name.clone(),
+                    };
+                    match self.witness(req).await {
+                        Ok(WReply::PeerOutdated { .. }) => {
+                            self.renewed(sent);
+                            self.record_peer_outdated();
+                            self.set_fence(Fence::PeerOutdated(format!(
+                                "witness outdated {} for epoch {epoch}",
+                                self.peer_cfg.name
+                            )));
+                            return;
+                        }
+                        Ok(WReply::Refused(Refusal::Superseded { epoch: e, holder })) => {
+                            self.lose_primary(format!(
+                                "superseded: the witness has epoch {e} held by {}",
+                                holder.as_deref().unwrap_or("nobody")
+                            ));
+                            return;
+                        }
+                        Ok(other) => {
+                            self.set_fence(Fence::Pending(format!(
+                                "witness answered {other:?} to outdate; writes held"
+                            )));
+                        }
+                        Err(e) => self.set_fence(Fence::Pending(format!(
+                            "cannot reach the witness to fence {} ({e}); writes held",
+                            self.peer_cfg.name
+                        ))),
+                    }
+                }
+                Fencing::Handler => {
+                    let up = self.state().disk == DiskState::UpToDate;
+                    match handler::decide(&self.run_handler().await, up) {
+                        HandlerDecision::PeerFenced(why) => {
+                            if self.link().is_some() {
+                                // DRBD 9: a link that came back meanwhile makes the result moot.
+                                continue;
+                            }
+                            self.record_peer_outdated();
+                            self.set_fence(Fence::PeerOutdated(why));
+                            return;
+                        }
+                        HandlerDecision::OutdateMyself(why) => {
+                            self.lose_primary(why);
+                            return;
+                        }
+                        HandlerDecision::Hold(why) => self.set_fence(Fence::Pending(why)),
+                    }
+                }
+                Fencing::None => return,
+            }
+            tokio::time::sleep(FENCE_RETRY).await;
+        }
+    }
+
+    async fn run_handler(&self) -> handler::HandlerOutcome {
+        let path = self
+            .cfg
+            .failover
+            .fence_handler
+            .clone()
+            .expect("handler fencing has a handler");
+        let outcome = handler::run(
+            &path,
+            &self.cfg.resource.name,
+            &self.me.name,
+            &self.peer_cfg.name,
+            &self.peer_cfg.replication,
+            HANDLER_TIMEOUT,
+        )
+        .await;
+        self.event(
+            "fence-handler",
+            json!({"handler": path, "outcome": format!("{outcome:?}")}),
+        );
+        outcome
+    }
+
+    fn record_peer_outdated(&self) {
+        if let Err(e) = self.meta().update(|sb| sb.flags.peer_outdated = true) {
+            tracing::error!("recording the outdated peer failed: {e}");
+        }
+    }
+
+    /// Secondary side: the primary disappeared. Ask for the next epoch (or run the handler)
+    /// until promoted, refused for good, or the link is back.
+    async fn auto_promote(self: Arc<Self>) {
+        loop {
+            if self.link().is_some() || self.role() == Role::Primary {
+                self.set_note(None);
+                return;
+            }
+            let disk = self.state().disk;
+            if disk != DiskState::UpToDate {
+                self.set_note(Some(format!("not promoting: disk is {}", disk.as_str())));
+                return;
+            }
+            match self.cfg.failover.fencing {
+                Fencing::Witness => match self.acquire(false, false).await {
+                    Ok(epoch) => {
+                        let why = format!(
+                            "{} was lost; the witness granted epoch {epoch}",
+                            self.peer_cfg.name
+                        );
+                        self.become_primary(Some(epoch), &why, false).await;
+                        self.set_note(None);
+                        return;
+                    }
+                    Err(Acquire::Outdated(why)) => {
+                        self.outdate_myself(&why);
+                        self.set_note(Some(format!("not promoting: {why}")));
+                        return;
+                    }
+                    Err(Acquire::Wait(why)) => {
+                        self.set_note(Some(format!("waiting to promote: {why}")))
+                    }
+                    Err(Acquire::Unreachable(why)) => self.set_note(Some(format!(
+                        "not promoting: witness unreachable ({why}); nobody promotes without it"
+                    ))),
+                },
+                Fencing::Handler => match handler::decide(&self.run_handler().await, true) {
+                    HandlerDecision::PeerFenced(why) => {
+                        if self.link().is_some() {
+                            continue;
+                        }
+                        self.record_peer_outdated();
+                        self.become_primary(None, &why, false).await;
+                        self.set_note(None);
+                        return;
+                    }
+                    HandlerDecision::OutdateMyself(why) => {
+                        self.outdate_myself(&why);
+                        self.set_note(Some(format!("not promoting: {why}")));
+                        return;
+                    }
+                    HandlerDecision::Hold(why) => {
+                        self.set_note(Some(format!("not promoting: {why}")))
+                    }
+                },
+                Fencing::None => return,
+            }
+            tokio::time::sleep(FENCE_RETRY).await;
+        }
+    }
+
+    /// Mark this node's data Outdated (persisted): it will not promote automatically.
+    pub(crate) fn outdate_myself(&self, why: &str) {
+        if let Err(e) = self.meta().update(|sb| sb.flags.outdated = true) {
+            tracing::error!("recording the outdated disk failed: {e}");
+        }
+        let mut st = self.state();
+        if st.disk == DiskState::UpToDate || st.disk == DiskState::Consistent {
+            st.disk = DiskState::Outdated;
+            drop(st);
+            self.event("disk", json!({"disk": "Outdated", "reason": why}));
+        }
+    }
+
+    /// Ask the witness for the next epoch. `peer_in_sync`: the peer is connected and UpToDate,
+    /// so it keeps every write of the new epoch and is not outdated.
+    pub(crate) async fn acquire(&self, peer_in_sync: bool, force: bool) -> Result<u64, Acquire> {
+        let have_epoch = self.meta().superblock().epoch;
+        let lease = self.cfg.failover.lease;
+        let sent = Instant::now();
+        let req = WRequest::Acquire {
+            have_epoch,
+            lease_ms: lease.as_millis() as u64,
+            outdate_peer: (!peer_in_sync).then(|| self.peer_cfg.name.clone()),
+            force,
+        };
+        let reply = self
+            .witness(req)
+            .await
+            .map_err(|e| Acquire::Unreachable(e.to_string()))?;
+        match reply {
+            WReply::Granted { epoch } => {
+                self.renewed(sent);
+                self.event(
+                    "fencing",
+                    json!({"decision": "epoch granted", "epoch": epoch, "peer_outdated": !peer_in_sync}),
+                );
+                Ok(epoch)
+            }
+            WReply::Refused(r @ Refusal::Outdated { .. }) => Err(Acquire::Outdated(r.to_string())),
+            WReply::Refused(r) => Err(Acquire::Wait(r.to_string())),
+            other => Err(Acquire::Wait(format!("unexpected witness reply {other:?}"))),
+        }
+    }
+
+    /// The witness (re)granted the lease for a request sent at `sent`.
+    fn renewed(&self, sent: Instant) {
+        let lease = self.cfg.failover.lease;
+        *self.lease_until.lock().unwrap() = Some(sent + lease - lease_margin(lease));
+        *self.lease_problem.lock().unwrap() = None;
+    }
+
+    /// Take the primary role for `epoch` (persisted first). The new data generation is made
+    /// lazily, before the first write acknowledged without the peer.
+    pub(crate) async fn become_primary(
+        self: &Arc<Self>,
+        epoch: Option<u64>,
+        why: &str,
+        forced: bool,
+    ) {
+        let r = self.meta().update(|sb| {
+            if let Some(e) = epoch {
+                sb.epoch = sb.epoch.max(e);
+            }
+            sb.flags.was_primary = true;
+            sb.flags.outdated = false;
+            sb.gens.set_primary(true);
+        });
+        if let Err(e) = r {
+            tracing::error!("cannot record the promotion: {e}");
+            return;
+        }
+        let fence = if self.link().is_some() {
+            Fence::Clear
+        } else {
+            Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
+        };
+        self.state().role = Role::Primary;
+        self.set_fence(fence);
+        let msg = format!("promoted to primary: {why}");
+        if forced {
+            tracing::warn!("{msg}");
+        } else {
+            tracing::info!("{msg}");
+        }
+        self.event(
+            "role",
+            json!({"role": "primary", "forced": forced, "epoch": self.meta().superblock().epoch, "reason": why}),
+        );
+        if self.cfg.failover.fencing == Fencing::Witness && epoch.is_some() {
+            let n = self.clone();
+            let e = epoch.unwrap_or(0);
+            tokio::spawn(async move { n.keep_lease(e).await });
+        }
+        self.announce().await;
+    }
+
+    /// Renew the lease at a third of its length while primary for `epoch`. Without a lease
+    /// and without the peer, this node gives up the role.
+    async fn keep_lease(self: Arc<Self>, epoch: u64) {
+        let lease = self.cfg.failover.lease;
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            if self.role() != Role::Primary || self.meta().superblock().epoch != epoch {
+                return;
+            }
+            let sent = Instant::now();
+            match self.witness(WRequest::Renew { epoch }).await {
+                Ok(WReply::Renewed { .. }) => self.renewed(sent),
+                Ok(WReply::Refused(Refusal::Superseded { epoch: e, holder })) => {
+                    self.lose_primary(format!(
+                        "superseded: the witness has epoch {e} held by {}",
+                        holder.as_deref().unwrap_or("nobody")
+                    ));
+                    return;
+                }
+                Ok(other) => {
+                    *self.lease_problem.lock().unwrap() =
+                        Some(format!("unexpected witness reply {other:?}"))
+                }
+                Err(e) => {
+                    let mut p = self.lease_problem.lock().unwrap();
+                    if p.is_none() {
+                        tracing::warn!("cannot renew the lease: {e}");
+                    }
+                    *p = Some(format!("cannot renew: {e}"));
+                }
+            }
+            if !self.lease_valid() && self.link().is_none() {
+                self.lose_primary("the lease expired and the peer is not connected".into());
+                return;
+            }
+        }
+    }
+
+    /// Stop being primary because this node may no longer acknowledge writes: held writes
+    /// fail, NBD clients are disconnected, and the local data counts as Outdated (it may hold
+    /// writes nobody acknowledged).
+    pub(crate) fn lose_primary(&self, why: String) {
+        *self.lease_until.lock().unwrap() = None;
+        self.set_fence(Fence::Lost(why.clone()));
+        {
+            let mut st = self.state();
+            if st.role != Role::Primary {
+                return;
+            }
+            st.role = Role::Secondary;
+        }
+        if let Err(e) = self.meta().update(|sb| {
+            sb.flags.was_primary = false;
+            sb.gens.set_primary(false);
+        }) {
+            tracing::error!("recording the demotion failed: {e}");
+        }
+        self.outdate_myself(&why);
+        tracing::error!("demoted to secondary: {why}");
+        self.event("role", json!({"role": "secondary", "reason": why}));
+        if let Some(kick) = self.kick_clients.get() {
+            kick();
+        }
+    }
+
+    /// Adopt a higher epoch the peer reported.
+    pub(crate) fn adopt_epoch(&self, epoch: u64) {
+        if epoch > self.meta().superblock().epoch {
+            if let Err(e) = self.meta().update(|sb| sb.epoch = epoch) {
+                tracing::error!("recording epoch {epoch} failed: {e}");
+            }
+        }
+    }
+
+    /// The peer is connected and UpToDate again: lift its outdated mark (witness and
+    /// metadata) so it may take over if this node fails.
+    pub(crate) async fn peer_in_sync(&self) {
+        self.set_fence(Fence::Clear);
+        if self.role() != Role::Primary {
+            return;
+        }
+        let _ = self.meta().update(|sb| sb.flags.peer_outdated = false);
+        if self.cfg.failover.fencing == Fencing::Witness {
+            let epoch = self.meta().superblock().epoch;
+            let req = WRequest::InSync {
+                epoch,
+                peer: self.peer_cfg.name.clone(),
+            };
+            match self.witness(req).await {
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot tell the witness the peer is in sync: {e}"),
+            }
+        }
+    }
+
+    /// The fencing step of a promotion: the witness's new epoch, or the handler's proof that
+    /// the peer cannot write. Returns the epoch (witness fencing) and why promotion is allowed.
+    pub(crate) async fn fence_for_promotion(
+        &self,
+        force: bool,
+    ) -> Result<(Option<u64>, String), Refused> {
+        let link = self.link();
+        let connected_in_sync = link
+            .as_ref()
+            .is_some_and(|l| l.peer.lock().unwrap().disk == DiskState::UpToDate)
+            && self.state().conn == super::runtime::Conn::Connected;
+        match self.cfg.failover.fencing {
+            Fencing::Witness => match self.acquire(connected_in_sync, force).await {
+                Ok(epoch) => Ok((
+                    Some(epoch),
+                    format!("operator request; the witness granted epoch {epoch}"),
+                )),
+                Err(Acquire::Outdated(why) | Acquire::Wait(why)) => {
+                    Err(Refused::state(format!("the witness refused: {why}")))
+                }
+                Err(Acquire::Unreachable(why)) => Err(Refused::state(format!(
+                    "cannot reach the witness ({why}); promotion needs it (fencing = \"witness\")"
+                ))),
+            },
+            Fencing::Handler if link.is_none() => {
+                let up = self.state().disk == DiskState::UpToDate;
+                match handler::decide(&self.run_handler().await, up) {
+                    HandlerDecision::PeerFenced(why) => {
+                        self.record_peer_outdated();
+                        Ok((None, why))
+                    }
+                    HandlerDecision::OutdateMyself(why) => {
+                        self.outdate_myself(&why);
+                        Err(Refused::state(why))
+                    }
+                    HandlerDecision::Hold(why) if force => Ok((
+                        None,
+                        format!("forced although the peer is not fenced: {why}"),
+                    )),
+                    HandlerDecision::Hold(why) => Err(Refused::state(format!(
+                        "the peer is not proven outdated: {why} (use --force to override)"
+                    ))),
+                }
+            }
+            Fencing::None if force && link.is_none() => Ok((
+                None,
+                "forced, peer not connected: its data is not known to be outdated".into(),
+            )),
+            _ => Ok((None, "operator request".into())),
+        }
+    }
+
+    /// Give up the lease after an orderly demotion, so the peer may take over at once.
+    pub(crate) async fn release_lease(&self) {
+        *self.lease_until.lock().unwrap() = None;
+        if self.cfg.failover.fencing != Fencing::Witness {
+            return;
+        }
+        let epoch = self.meta().superblock().epoch;
+        if let Err(e) = self.witness(WRequest::Release { epoch }).await {
+            tracing::warn!("cannot release the lease (it will expire): {e}");
+        }
+    }
+
+    /// `switchover --to NAME` on the primary: drain, demote, hand the role to the peer.
+    pub async fn switchover(self: &Arc<Self>, to: &str) -> Result<String, Refused> {
+        if to == self.me.name && self.role() == Role::Primary {
+            return Ok(format!("{to} is already primary"));
+        }
+        let Some(link) = self.link() else {
+            return Err(Refused::state(format!(
+                "{} is not connected; switchover needs it Connected and UpToDate",
+                self.peer_cfg.name
+            )));
+        };
+        if to == self.me.name {
+            // Asked on the secondary: the primary runs the switchover.
+            let seq = link.next_seq();
+            return match link
+                .request(seq, &crate::repl::proto::Message::HandOver { seq })
+                .await
+            {
+                Ok(crate::repl::link::Reply::Done) => Ok(format!("{to} is primary")),
+                Ok(crate::repl::link::Reply::Error(e)) => Err(Refused::state(e)),
+                Ok(other) => Err(Refused::error(format!("unexpected reply {other:?}"))),
+                Err(_) => Err(Refused::error("the link to the primary was lost")),
+            };
+        }
+        if to != self.peer_cfg.name {
+            return Err(Refused::error(format!(
+                "no node {to:?} in resource {}",
+                self.cfg.resource.name
+            )));
+        }
+        if self.role() != Role::Primary {
+            return Err(Refused::state(format!(
+                "{} is not primary; run switchover where the primary is",
+                self.me.name
+            )));
+        }
+        let (peer_disk, conn) = (link.peer.lock().unwrap().disk, self.state().conn);
+        if peer_disk != DiskState::UpToDate || conn != super::runtime::Conn::Connected {
+            return Err(Refused::state(format!(
+                "{to} is {} and the link is {}; switchover needs it Connected and UpToDate",
+                peer_disk.as_str(),
+                conn.as_str()
+            )));
+        }
+        let started = Instant::now();
+        self.switching.store(true, Ordering::Release);
+        let r = self.hand_over(&link, to).await;
+        self.switching.store(false, Ordering::Release);
+        let ms = started.elapsed().as_millis();
+        match r {
+            Ok(()) => {
+                self.event("switchover", json!({"to": to, "ms": ms}));
+                Ok(format!("switched over to {to} in {ms} ms"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn hand_over(self: &Arc<Self>, link: &Arc<Link>, to: &str) -> Result<(), Refused> {
+        // New clients are refused by the gate while `switching`; existing ones finish what
+        // they sent and are disconnected.
+        if let Some(kick) = self.kick_clients.get() {
+            kick();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.nbd_clients() > 0 {
+            if Instant::now() > deadline {
+                return Err(Refused::error(
+                    "NBD clients did not finish their requests within 10 s",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.store
+            .flush()
+            .await
+            .map_err(|e| Refused::error(format!("flush failed: {e}")))?;
+        {
+            self.state().role = Role::Secondary;
+            self.meta()
+                .update(|sb| {
+                    sb.flags.was_primary = false;
+                    sb.gens.set_primary(false);
+                })
+                .map_err(|e| Refused::error(e.to_string()))?;
+        }
+        self.release_lease().await;
+        self.set_fence(Fence::Clear);
+        let why = format!("switchover to {to}");
+        tracing::info!("demoted to secondary: {why}");
+        self.event("role", json!({"role": "secondary", "reason": why}));
+        self.announce().await;
+        let seq = link.next_seq();
+        match link
+            .request(seq, &crate::repl::proto::Message::TakeOver { seq })
+            .await
+        {
+            Ok(crate::repl::link::Reply::Done) => Ok(()),
+            other => {
+                // The peer did not take over: take the role back so the volume stays served.
+                let why = match other {
+                    Ok(crate::repl::link::Reply::Error(e)) => e,
+                    Ok(r) => format!("unexpected reply {r:?}"),
+                    Err(_) => "link lost".into(),
+                };
+                tracing::error!("{to} did not take over ({why}); taking the primary role back");
+                let back = self.promote(false).await;
+                Err(Refused::state(format!(
+                    "{to} did not take over: {why}; {}",
+                    match back {
+                        Ok(_) => format!("{} is primary again", self.me.name),
+                        Err(e) =>
+                            format!("and re-promoting {} failed: {}", self.me.name, e.message),
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Status fields about failover.
+    pub fn failover_json(&self) -> Value {
+        json!({
+            "fencing": self.cfg.failover.fencing.to_string(),
+            "auto": self.cfg.failover.auto,
+            "fence": self.fence().to_json(),
+            "note": *self.failover_note.lock().unwrap(),
+        })
+    }
+}
+
+/// Why the witness did not grant an epoch.
+pub enum Acquire {
+    /// This node is outdated: it must never promote automatically.
+    Outdated(String),
+    /// Not yet (the old lease is still valid) or not now; try again.
+    Wait(String),
+    Unreachable(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_up_to_date_secondary_that_lost_a_primary_promotes() {
+        let ok = |auto, f, d, r, p| auto_promotion_blocked(auto, f, d, r, p).is_none();
+        assert!(ok(
+            true,
+            Fencing::Witness,
+            DiskState::UpToDate,
+            Role::Secondary,
+            true
+        ));
+        assert!(ok(
+            true,
+            Fencing::Handler,
+            DiskState::UpToDate,
+            Role::Secondary,
+            true
+        ));
+        assert!(!ok(
+            false,
+            Fencing::Witness,
+            DiskState::UpToDate,
+            Role::Secondary,
+            true
+        ));
+        assert!(!ok(
+            true,
+            Fencing::None,
+            DiskState::UpToDate,
+            Role::Secondary,
+            true
+        ));
+        assert!(!ok(
+            true,
+            Fencing::Witness,
+            DiskState::Outdated,
+            Role::Secondary,
+            true
+        ));
+        assert!(!ok(
+            true,
+            Fencing::Witness,
+            DiskState::Inconsistent,
+            Role::Secondary,
+            true
+        ));
+        assert!(!ok(
+            true,
+            Fencing::Witness,
+            DiskState::Consistent,
+            Role::Secondary,
+            true
+        ));
+        assert!(!ok(
+            true,
+            Fencing::Witness,
+            DiskState::UpToDate,
+            Role::Secondary,
+            false
+        ));
+        assert!(!ok(
+            true,
+            Fencing::Witness,
+            DiskState::UpToDate,
+            Role::Primary,
+            true
+        ));
+    }
+
+    #[test]
+    fn the_margin_is_a_tenth_of_the_lease_but_at_least_50ms() {
+        assert_eq!(
+            lease_margin(Duration::from_secs(2)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            lease_margin(Duration::from_millis(300)),
+            Duration::from_millis(50)
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! Failover test parts: a witness process, and the acknowledged-write checker
+//! (`tools/ackcheck.py`) running in the background against a pair.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, tandem_bin};
+
+/// A `tandem witness` process that knows resource r0's secret.
+pub struct Witness {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub addr: String,
+    log: PathBuf,
+}
+
+impl Witness {
+    /// Start a witness with its data under `dir/witness`, sharing `secret_file`.
+    pub fn start(dir: &Path, secret_file: &Path) -> Witness {
+        let data = dir.join("witness");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::copy(secret_file, data.join("r0.secret")).unwrap();
+        let mut w = Witness {
+            child: None,
+            dir: data,
+            addr: format!("127.0.0.1:{}", free_port()),
+            log: dir.join("witness.log"),
+        };
+        w.restart();
+        w
+    }
+
+    /// (Re)start on the same address and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "witness already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(tandem_bin())
+            .args(["witness", "--listen", &self.addr, "--data"])
+            .arg(&self.dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "witness did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The `[failover]` section for a pair using this witness.
+    pub fn failover_section(&self, lease: &str) -> String {
+        format!(
+            "[failover]\nfencing = \"witness\"\nwitness = \"{}\"\nlease = \"{lease}\"\n",
+            self.addr
+        )
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The acknowledged-write checker writing through whichever URI serves.
+pub struct Checker {
+    child: Child,
+    stop: PathBuf,
+    json: PathBuf,
+    log: PathBuf,
+}
+
+pub fn checker_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/ackcheck.py")
+}
+
+impl Checker {
+    /// Start writing `blocks` 4 KiB blocks through `uris` (tried in turn after a failure).
+    pub fn start(dir: &Path, name: &str, uris: &[String], blocks: u64, qd: u32) -> Checker {
+        let stop = dir.join(format!("{name}.stop"));
+        let json = dir.join(format!("{name}.json"));
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(checker_script());
+        for u in uris {
+            cmd.args(["--uri", u]);
+        }
+        cmd.args(["--blocks", &blocks.to_string(), "--qd", &qd.to_string()])
+            .args(["--reconnect-timeout", "60"])
+            .arg("--stop-file")
+            .arg(&stop)
+            .arg("--json")
+            .arg(&json)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().unwrap();
+        Checker {
+            child,
+            stop,
+            json,
+            log,
+        }
+    }
+
+    /// Stop writing, let it verify every block, and return its summary (asserting it ran
+    /// and found nothing lost or corrupt).
+    pub fn finish(mut self) -> serde_json::Value {
+        std::fs::write(&self.stop, "").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "checker did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&self.json)
+                .unwrap_or_else(|e| panic!("no checker summary ({e}); log:\n{log}")),
+        )
+        .unwrap();
+        assert!(
+            status.success() && summary["ok"] == true,
+            "checker failed ({status}): {summary}\n{log}"
+        );
+        assert_eq!(summary["lost"], 0, "{summary}");
+        assert_eq!(summary["corrupt"], 0, "{summary}");
+        assert!(summary["acked"].as_u64().unwrap() > 0, "{summary}");
+        summary
+    }
+
+    /// Acknowledgements so far are not visible until the end; this only checks it still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
