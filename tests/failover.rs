@@ -283,7 +283,8 @@ fn handler_pair(code: i32) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("fence-peer.sh");
     let code_file = dir.path().join("code");
-    std::fs::write(&code_file, code.to_string()).unwrap();
+    // The initial forced promotion may run before the link is up: let that one succeed.
+    std::fs::write(&code_file, "4").unwrap();
     std::fs::write(
         &script,
         format!(
@@ -311,6 +312,8 @@ fn handler_pair(code: i32) -> Pair {
         script.parent().unwrap().to_str().unwrap(),
     )
     .unwrap();
+    std::fs::write(&code_file, code.to_string()).unwrap();
+    std::fs::remove_file(script.parent().unwrap().join("calls")).ok();
     p
 }
 
