@@ -416,12 +416,12 @@ mod tests {
 
     #[test]
     fn flags_bits_round_trip() {
-        for bits in 0..(1u32 << 7) {
+        for bits in 0..(1u32 << 8) {
             let f = MetaFlags::from_bits(bits).unwrap();
             assert_eq!(f.to_bits(), bits);
             assert_eq!(f.names().len(), bits.count_ones() as usize);
         }
-        assert_eq!(MetaFlags::from_bits(1 << 7), None);
+        assert_eq!(MetaFlags::from_bits(1 << 8), None);
     }
 
     #[test]
