@@ -123,6 +123,7 @@ class Cluster:
                     and s["disk"] == "UpToDate"
                     and (s["peer"] or {}).get("disk") == "UpToDate"
                     and s["out_of_sync_bytes"] == 0
+                    and not s["failover"]["peer_outdated"]
                 )
             if ok:
                 return

@@ -22,8 +22,10 @@ use crate::repl::link::Link;
 
 /// How long a fence handler may run before it counts as broken.
 const HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often an undecided fence (unreachable witness, broken handler) is retried.
+/// How often an unreachable witness is asked again while a fence or promotion is undecided.
 const FENCE_RETRY: Duration = Duration::from_millis(250);
+/// How often a fence handler that proved nothing is run again.
+const HANDLER_RETRY: Duration = Duration::from_secs(2);
 
 /// What a primary may do with a write the peer did not acknowledge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,7 +303,14 @@ impl Node {
                 }
                 Fencing::None => return,
             }
-            tokio::time::sleep(FENCE_RETRY).await;
+            tokio::time::sleep(self.fence_retry()).await;
+        }
+    }
+
+    fn fence_retry(&self) -> Duration {
+        match self.cfg.failover.fencing {
+            Fencing::Handler => HANDLER_RETRY,
+            _ => FENCE_RETRY,
         }
     }
 
@@ -391,7 +400,7 @@ impl Node {
                 },
                 Fencing::None => return,
             }
-            tokio::time::sleep(FENCE_RETRY).await;
+            tokio::time::sleep(self.fence_retry()).await;
         }
     }
 
@@ -427,6 +436,9 @@ impl Node {
         match reply {
             WReply::Granted { epoch } => {
                 self.renewed(sent);
+                if !peer_in_sync {
+                    self.record_peer_outdated();
+                }
                 self.event(
                     "fencing",
                     json!({"decision": "epoch granted", "epoch": epoch, "peer_outdated": !peer_in_sync}),
@@ -567,22 +579,43 @@ impl Node {
 
     /// The peer is connected and UpToDate again: lift its outdated mark (witness and
     /// metadata) so it may take over if this node fails.
+    /// Until the witness has cleared the mark, the peer cannot take over; status shows
+    /// `failover.peer_outdated` meanwhile.
     pub(crate) async fn peer_in_sync(&self) {
         self.set_fence(Fence::Clear);
-        if self.role() != Role::Primary {
-            return;
-        }
-        let _ = self.meta().update(|sb| sb.flags.peer_outdated = false);
-        if self.cfg.failover.fencing == Fencing::Witness {
-            let epoch = self.meta().superblock().epoch;
+        let epoch = self.meta().superblock().epoch;
+        let mut warned = false;
+        while self.cfg.failover.fencing == Fencing::Witness {
+            if self.role() != Role::Primary
+                || self.link().is_none()
+                || self.meta().superblock().epoch != epoch
+            {
+                return;
+            }
             let req = WRequest::InSync {
                 epoch,
                 peer: self.peer_cfg.name.clone(),
             };
             match self.witness(req).await {
-                Ok(_) => {}
-                Err(e) => tracing::warn!("cannot tell the witness the peer is in sync: {e}"),
+                Ok(WReply::Ok) => break,
+                Ok(other) => {
+                    tracing::warn!("the witness did not clear the peer's outdated mark: {other:?}");
+                    return;
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!("cannot tell the witness the peer is in sync (retrying): {e}");
+                }
+                Err(_) => {}
             }
+            tokio::time::sleep(FENCE_RETRY).await;
+        }
+        if self.role() == Role::Primary && self.meta().superblock().flags.peer_outdated {
+            let _ = self.meta().update(|sb| sb.flags.peer_outdated = false);
+            self.event(
+                "fencing",
+                json!({"decision": "peer in sync", "peer": self.peer_cfg.name}),
+            );
         }
     }
 
@@ -773,6 +806,8 @@ impl Node {
     pub fn failover_json(&self) -> Value {
         json!({
             "fencing": self.cfg.failover.fencing.to_string(),
+            "peer_outdated": self.role() == Role::Primary
+                && self.meta().superblock().flags.peer_outdated,
             "auto": self.cfg.failover.auto,
             "fence": self.fence().to_json(),
             "note": *self.failover_note.lock().unwrap(),

@@ -463,8 +463,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     node.announce().await;
                 }
                 Message::State(ps) => {
+                    // The peer finished its resync (or was UpToDate all along): lift its
+                    // outdated mark.
                     let became_up_to_date = ps.disk == DiskState::UpToDate
-                        && link.peer.lock().unwrap().disk != DiskState::UpToDate;
+                        && node.role() == Role::Primary
+                        && node.meta().superblock().flags.peer_outdated;
                     node.adopt_epoch(ps.epoch);
                     *link.peer.lock().unwrap() = ps;
                     node.bump();

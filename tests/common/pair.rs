@@ -200,6 +200,7 @@ impl Pair {
                     && s["disk"] == "UpToDate"
                     && s["peer"]["disk"] == "UpToDate"
                     && s["out_of_sync_bytes"] == 0
+                    && s["failover"]["peer_outdated"] != true
             });
         }
     }
