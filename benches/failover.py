@@ -19,6 +19,7 @@ new primary, and the cost of the witness lease on the write path.
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -184,11 +185,14 @@ def first_write(uri, deadline):
 
 def failover_runs(work, name, net, lease, runs):
     c = Cluster(work, name, net, "witness", lease)
+    lease_s = float(lease[:-2]) / 1000 if lease.endswith("ms") else float(lease[:-1])
     times = []
     try:
         for i in range(runs):
             old = c.primary()
             new = "beta" if old == "alpha" else "alpha"
+            # A crash comes at any point of the renewal cycle: sample it.
+            time.sleep(random.uniform(0, lease_s))
             t0 = time.time()
             c.kill9(old)
             t1 = first_write(c.uri(new), t0 + 60)

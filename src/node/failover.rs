@@ -585,7 +585,8 @@ impl Node {
         self.set_fence(Fence::Clear);
         let epoch = self.meta().superblock().epoch;
         let mut warned = false;
-        while self.cfg.failover.fencing == Fencing::Witness {
+        let witness = self.cfg.failover.fencing == Fencing::Witness;
+        while witness {
             if self.role() != Role::Primary
                 || self.link().is_none()
                 || self.meta().superblock().epoch != epoch
