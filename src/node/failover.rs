@@ -372,8 +372,13 @@ impl Node {
                         self.set_note(Some(format!("not promoting: {why}")));
                         return;
                     }
-                    Err(Acquire::Wait(why)) => {
-                        self.set_note(Some(format!("waiting to promote: {why}")))
+                    Err(Acquire::Wait(why, until)) => {
+                        self.set_note(Some(format!("waiting to promote: {why}")));
+                        if let Some(d) = until {
+                            // Ask again the moment the old lease may be taken over.
+                            tokio::time::sleep(d + Duration::from_millis(2)).await;
+                            continue;
+                        }
                     }
                     Err(Acquire::Unreachable(why)) => self.set_note(Some(format!(
                         "not promoting: witness unreachable ({why}); nobody promotes without it"
@@ -446,8 +451,15 @@ impl Node {
                 Ok(epoch)
             }
             WReply::Refused(r @ Refusal::Outdated { .. }) => Err(Acquire::Outdated(r.to_string())),
-            WReply::Refused(r) => Err(Acquire::Wait(r.to_string())),
-            other => Err(Acquire::Wait(format!("unexpected witness reply {other:?}"))),
+            WReply::Refused(r @ Refusal::LeaseHeld { remaining_ms, .. }) => Err(Acquire::Wait(
+                r.to_string(),
+                Some(Duration::from_millis(remaining_ms).min(self.cfg.failover.lease)),
+            )),
+            WReply::Refused(r) => Err(Acquire::Wait(r.to_string(), None)),
+            other => Err(Acquire::Wait(
+                format!("unexpected witness reply {other:?}"),
+                None,
+            )),
         }
     }
 
@@ -578,30 +590,43 @@ impl Node {
     }
 
     /// The peer is connected and UpToDate again: lift its outdated mark (witness and
-    /// metadata) so it may take over if this node fails.
-    /// Until the witness has cleared the mark, the peer cannot take over; status shows
-    /// `failover.peer_outdated` meanwhile.
+    /// metadata) so it may take over if this node fails. Until the witness has cleared the
+    /// mark, the peer cannot take over; status shows `failover.peer_outdated` meanwhile.
     pub(crate) async fn peer_in_sync(&self) {
         self.set_fence(Fence::Clear);
+        if self.cfg.failover.fencing == Fencing::Witness && !self.clear_at_witness().await {
+            return;
+        }
+        if self.role() == Role::Primary && self.meta().superblock().flags.peer_outdated {
+            let _ = self.meta().update(|sb| sb.flags.peer_outdated = false);
+            self.event(
+                "fencing",
+                json!({"decision": "peer in sync", "peer": self.peer_cfg.name}),
+            );
+        }
+    }
+
+    /// Tell the witness the peer is in sync, retrying while it is unreachable. False when it
+    /// refused or this node stopped being the connected primary of the same epoch.
+    async fn clear_at_witness(&self) -> bool {
         let epoch = self.meta().superblock().epoch;
         let mut warned = false;
-        let witness = self.cfg.failover.fencing == Fencing::Witness;
-        while witness {
+        loop {
             if self.role() != Role::Primary
                 || self.link().is_none()
                 || self.meta().superblock().epoch != epoch
             {
-                return;
+                return false;
             }
             let req = WRequest::InSync {
                 epoch,
                 peer: self.peer_cfg.name.clone(),
             };
             match self.witness(req).await {
-                Ok(WReply::Ok) => break,
+                Ok(WReply::Ok) => return true,
                 Ok(other) => {
                     tracing::warn!("the witness did not clear the peer's outdated mark: {other:?}");
-                    return;
+                    return false;
                 }
                 Err(e) if !warned => {
                     warned = true;
@@ -610,13 +635,6 @@ impl Node {
                 Err(_) => {}
             }
             tokio::time::sleep(FENCE_RETRY).await;
-        }
-        if self.role() == Role::Primary && self.meta().superblock().flags.peer_outdated {
-            let _ = self.meta().update(|sb| sb.flags.peer_outdated = false);
-            self.event(
-                "fencing",
-                json!({"decision": "peer in sync", "peer": self.peer_cfg.name}),
-            );
         }
     }
 
@@ -637,7 +655,7 @@ impl Node {
                     Some(epoch),
                     format!("operator request; the witness granted epoch {epoch}"),
                 )),
-                Err(Acquire::Outdated(why) | Acquire::Wait(why)) => {
+                Err(Acquire::Outdated(why) | Acquire::Wait(why, _)) => {
                     Err(Refused::state(format!("the witness refused: {why}")))
                 }
                 Err(Acquire::Unreachable(why)) => Err(Refused::state(format!(
@@ -821,7 +839,8 @@ pub enum Acquire {
     /// This node is outdated: it must never promote automatically.
     Outdated(String),
     /// Not yet (the old lease is still valid) or not now; try again.
-    Wait(String),
+    /// `Some`: when the old lease may be taken over.
+    Wait(String, Option<Duration>),
     Unreachable(String),
 }
 
