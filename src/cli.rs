@@ -152,6 +152,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A local NBD endpoint that follows whichever node is primary, replaying unanswered
+    /// requests after a failover.
+    Attach {
+        #[arg(
+            short = 'c',
+            long = "config",
+            env = "TANDEM_CONFIG",
+            value_name = "FILE"
+        )]
+        config: PathBuf,
+        /// HOST:PORT or unix:PATH.
+        #[arg(long, value_name = "ADDR")]
+        listen: ListenAddr,
+        /// Fail requests with EIO after this long without a primary (default: [failover]
+        /// attach_timeout, 30s).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
     /// Run the fencing witness until SIGTERM/SIGINT.
     Witness {
         /// HOST:PORT or unix:PATH.
@@ -275,6 +293,16 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Verify { res, wait } => verify(&res, wait).await,
             Command::Switchover { config, node, to } => switchover(&config, node, &to).await,
             Command::DumpMd { path, json } => dump_md(&path, json),
+            Command::Attach {
+                config,
+                listen,
+                timeout,
+            } => {
+                let cfg = crate::config::Config::load(&config)?;
+                crate::attach::run(&cfg, &listen, timeout)
+                    .await
+                    .map_err(Failure::error)
+            }
             Command::Witness { listen, data } => {
                 crate::witness::run(&listen, &data, wait_for_signal())
                     .await

@@ -29,6 +29,7 @@
 //! witness = "10.0.0.3:7790"   # required when fencing = "witness"
 //! lease = "2s"                # default 2s; with witness fencing, at least ping_timeout
 //! fence_handler = "/usr/local/sbin/fence-peer"   # required when fencing = "handler"
+//! attach_timeout = "30s"      # default 30s: how long `tandem attach` holds IO without a primary
 //!
 //! [split_brain]               # optional; every policy defaults to "disconnect"
 //! after_sb_0pri = "disconnect"
@@ -72,6 +73,8 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default `[net] connect_interval`.
 pub const DEFAULT_CONNECT_INTERVAL: Duration = Duration::from_millis(500);
+/// Default `[failover] attach_timeout`.
+pub const DEFAULT_ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `[failover] lease`.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
 /// Default `[activity_log] extents`.
@@ -203,6 +206,8 @@ pub struct FailoverConfig {
     pub lease: Duration,
     /// Always `Some` when `fencing` is `Handler`.
     pub fence_handler: Option<PathBuf>,
+    /// How long `tandem attach` holds requests while no primary answers before failing them.
+    pub attach_timeout: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -213,6 +218,7 @@ impl Default for FailoverConfig {
             witness: None,
             lease: DEFAULT_LEASE,
             fence_handler: None,
+            attach_timeout: DEFAULT_ATTACH_TIMEOUT,
         }
     }
 }
@@ -425,7 +431,14 @@ const NET_KEYS: &[&str] = &[
     "secret_file",
     "connect_interval",
 ];
-const FAILOVER_KEYS: &[&str] = &["auto", "fencing", "witness", "lease", "fence_handler"];
+const FAILOVER_KEYS: &[&str] = &[
+    "auto",
+    "fencing",
+    "witness",
+    "lease",
+    "fence_handler",
+    "attach_timeout",
+];
 const SPLIT_BRAIN_KEYS: &[&str] = &["after_sb_0pri", "after_sb_1pri", "after_sb_2pri"];
 const RESYNC_KEYS: &[&str] = &["rate", "checksum"];
 const AL_KEYS: &[&str] = &["extents"];
@@ -688,6 +701,9 @@ fn parse_failover(top: &Tbl, net: &NetConfig) -> Result<FailoverConfig, ConfigEr
     }
     if let Some((p, _)) = t.path("fence_handler")? {
         f.fence_handler = Some(p);
+    }
+    if let Some((d, _)) = t.positive_duration("attach_timeout")? {
+        f.attach_timeout = d;
     }
     match f.fencing {
         Fencing::Witness if f.witness.is_none() => {
@@ -1261,6 +1277,7 @@ checksum = false    # compare block digests first; send only blocks that differ
                 witness: Some("10.0.0.3:7790".into()),
                 lease: Duration::from_secs(2),
                 fence_handler: Some("/usr/local/sbin/fence-peer".into()),
+                attach_timeout: DEFAULT_ATTACH_TIMEOUT,
             }
         );
         assert_eq!(c.split_brain, SplitBrainPolicy::default());

@@ -1,5 +1,6 @@
 //! tandem: a DRBD-style replicated block device exported over NBD.
 
+pub mod attach;
 pub mod cli;
 pub mod config;
 pub mod control;

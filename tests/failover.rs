@@ -6,27 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::failover::{Checker, Witness};
+use common::failover::{witnessed_pair, Checker};
 use common::pair::{qemu_io, qemu_io_ok, Pair, M};
 
-const NET: &str = "ping_timeout = \"500ms\"\n";
-const LEASE: &str = "1s";
-
-fn witnessed_pair(size: u64) -> (Pair, Witness) {
-    let probe = tempfile::tempdir().unwrap();
-    // The witness needs the secret the pair uses; Pair writes "test-secret\n".
-    let secret = probe.path().join("secret");
-    std::fs::write(&secret, "test-secret\n").unwrap();
-    let w = Witness::start(probe.path(), &secret);
-    let mut p = Pair::with_sections(size, NET, &w.failover_section(LEASE), "");
-    // Keep the witness's directory alive with the pair's.
-    std::mem::forget(probe);
-    p.up("alpha");
-    p.up("beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
-    (p, w)
-}
+use common::failover::NET;
 
 fn uris(p: &Pair) -> Vec<String> {
     vec![p.uri("alpha"), p.uri("beta")]

@@ -30,8 +30,9 @@ impl ReplicatedStore {
     }
 
     fn check_primary(&self) -> io::Result<()> {
+        // ESHUTDOWN: "not primary (any more)"; `attach` replays such requests elsewhere.
         if self.node.role() != Role::Primary {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
         }
         Ok(())
     }
@@ -121,7 +122,7 @@ impl ReplicatedStore {
         let result = match held {
             Err(why) => {
                 tracing::debug!("write at {offset} not acknowledged: {why}");
-                Err(io::Error::from_raw_os_error(libc::EIO))
+                Err(io::Error::from_raw_os_error(libc::ESHUTDOWN))
             }
             Ok(()) if peer != Replicated::Acked => self.degraded(offset, len).and(local),
             Ok(()) => local,

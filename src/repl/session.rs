@@ -363,7 +363,7 @@ async fn ping_loop(node: Arc<Node>, link: Arc<Link>, last_rx: Arc<AtomicU64>) {
 }
 
 /// Dispatch frames from the peer until the link ends; returns why it ended and whether the
-/// peer ended it in an orderly way (goodbye, or this node closed it).
+/// peer ended it in an orderly way (it said goodbye).
 async fn read_loop<R: AsyncRead + Unpin>(
     node: &Arc<Node>,
     link: &Arc<Link>,
@@ -374,7 +374,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     loop {
         let frame = tokio::select! {
             f = read_frame(&mut r) => f?,
-            _ = closed.wait_for(|c| *c) => return Ok(("link closed".into(), true)),
+            // Closed by whoever handled it first (then this is a no-op), or by the writer
+            // failing: a real loss.
+            _ = closed.wait_for(|c| *c) => return Ok(("link closed (send failed)".into(), false)),
         };
         last_rx.store(now_ms(), Ordering::Relaxed);
         match frame {

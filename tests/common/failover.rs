@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::pair::Pair;
 use super::{free_port, tandem_bin};
 
 /// A `tandem witness` process that knows resource r0's secret.
@@ -167,4 +168,73 @@ impl Drop for Checker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `tandem attach` process following the pair of `config`.
+pub struct Attach {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Attach {
+    pub fn start(config: &Path, dir: &Path) -> Attach {
+        let port = free_port();
+        let log = dir.join(format!("attach-{port}.log"));
+        let child = Command::new(tandem_bin())
+            .args(["attach", "-c"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "attach did not come up: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Attach { child, port, log }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/r0", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Attach {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `[net]` keys for failover tests: quick to notice a dead peer.
+pub const NET: &str = "ping_timeout = \"500ms\"\n";
+pub const LEASE: &str = "1s";
+
+/// A witness and a started pair using it (alpha primary, in sync).
+pub fn witnessed_pair(size: u64) -> (Pair, Witness) {
+    let probe = tempfile::tempdir().unwrap();
+    // The witness needs the secret the pair uses; Pair writes "test-secret\n".
+    let secret = probe.path().join("secret");
+    std::fs::write(&secret, "test-secret\n").unwrap();
+    let w = Witness::start(probe.path(), &secret);
+    let mut p = Pair::with_sections(size, NET, &w.failover_section(LEASE), "");
+    // Keep the witness's directory alive with the pair's.
+    std::mem::forget(probe);
+    p.up("alpha");
+    p.up("beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    (p, w)
 }
