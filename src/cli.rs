@@ -170,6 +170,19 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
     },
+    /// A whole pair, a witness and an attach endpoint on loopback, with sparse files in a
+    /// temporary directory; Ctrl-C stops and removes everything.
+    Demo {
+        /// Also run a failover drill: load, kill the primary, resync, fail back, verify.
+        #[arg(long)]
+        drill: bool,
+        /// Volume size.
+        #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = crate::units::parse_bytes)]
+        size: u64,
+        /// Keep everything in this directory (kept afterwards) instead of a temporary one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Run the fencing witness until SIGTERM/SIGINT.
     Witness {
         /// HOST:PORT or unix:PATH.
@@ -300,6 +313,11 @@ pub fn run(cli: Cli) -> ExitCode {
             } => {
                 let cfg = crate::config::Config::load(&config)?;
                 crate::attach::run(&cfg, &listen, timeout)
+                    .await
+                    .map_err(Failure::error)
+            }
+            Command::Demo { drill, size, dir } => {
+                crate::demo::run(crate::demo::Options { drill, size, dir })
                     .await
                     .map_err(Failure::error)
             }

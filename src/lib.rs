@@ -4,6 +4,7 @@ pub mod attach;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod fence;
 pub mod meta;
 pub mod nbd;
