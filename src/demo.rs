@@ -474,22 +474,21 @@ async fn drill(c: &mut Cluster) -> Result<(), String> {
         })
         .await?;
     phase(&format!("kill -9 {old} -> {new} promoted"), promoted);
-    let acks_at_kill = ledger.lock().unwrap().acked.len();
     loop {
-        let l = ledger.lock().unwrap();
-        if l.last_ack.is_some_and(|t| t > killed + promoted)
-            || killed.elapsed() > Duration::from_secs(60)
-        {
+        let acked_since = ledger
+            .lock()
+            .unwrap()
+            .last_ack
+            .is_some_and(|t| t > killed + promoted);
+        if acked_since || killed.elapsed() > Duration::from_secs(60) {
             break;
         }
-        drop(l);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     phase(
         "kill -9 -> first write acknowledged after it",
         killed.elapsed(),
     );
-    let _ = acks_at_kill;
 
     let t = Instant::now();
     c.up(old)?;
@@ -506,7 +505,7 @@ async fn drill(c: &mut Cluster) -> Result<(), String> {
 
     stop.store(true, Ordering::Relaxed);
     loader.await.map_err(|e| e.to_string())??;
-    let l = ledger.lock().unwrap();
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
     let t = Instant::now();
     let lost = verify(&c.attach, &l).await?;
     phase("read back every acknowledged block", t.elapsed());
