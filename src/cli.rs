@@ -261,7 +261,7 @@ pub fn run(cli: Cli) -> ExitCode {
     // io_uring's kernel workers. Half the CPUs leaves room for those and for the peer's
     // traffic: measured on 2 cores, 1 worker gave 1.4x the replicated 4 KiB write IOPS and
     // 2x the resync rate of 2. TOKIO_WORKER_THREADS still overrides.
-    if matches!(cli.command, Command::Up { .. })
+    if matches!(cli.command, Command::Up { .. } | Command::Attach { .. })
         && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
     {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
