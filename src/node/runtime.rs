@@ -285,7 +285,7 @@ impl Node {
     }
 
     /// Say goodbye to the peer (so it does not wait for its ping timeout) and drop the link.
-    async fn drop_link(self: &Arc<Self>, reason_for_peer: &str, why: &str) {
+    pub(crate) async fn drop_link(self: &Arc<Self>, reason_for_peer: &str, why: &str) {
         if let Some(link) = self.link() {
             let _ = link
                 .send(&Message::Goodbye {

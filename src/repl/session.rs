@@ -284,6 +284,19 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             "another link came up first".into(),
         ));
     }
+    // A promotion (new generation, role) while the states were in flight made the decision
+    // stale: start over with what is true now.
+    let now = node.my_peer_state();
+    if now.gens != mine.gens || now.role != mine.role || now.disk != mine.disk {
+        node.drop_link(
+            "peer changed during the handshake; re-handshaking",
+            "this node changed during the handshake; re-handshaking",
+        )
+        .await;
+        return Err(HandshakeError::Protocol(
+            "local state changed during the handshake".into(),
+        ));
+    }
     // Writes held by fencing go to this link now.
     node.set_fence(crate::node::failover::Fence::Clear);
     {
