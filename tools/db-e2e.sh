@@ -266,14 +266,16 @@ pg_init() {
 }
 
 sqlite_init() {
+  local mode
   mkdir -p "$(dirname "$SQLITE_DB")"
-  $PY - "$SQLITE_DB" "$JOURNAL" <<'EOF'
+  mode=$($PY - "$SQLITE_DB" "$JOURNAL" <<'EOF'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1], isolation_level=None)
-print("journal_mode", c.execute(f"PRAGMA journal_mode={sys.argv[2]}").fetchone()[0])
+print(c.execute(f"PRAGMA journal_mode={sys.argv[2]}").fetchone()[0])
 c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, phase INTEGER, pad TEXT)")
 EOF
-  say "SQLite $($PY -c 'import sqlite3; print(sqlite3.sqlite_version)') database on the mount (synchronous=FULL)"
+  )
+  say "SQLite $($PY -c 'import sqlite3; print(sqlite3.sqlite_version)') database on the mount: journal_mode=$mode, synchronous=FULL"
 }
 
 # load_start DB PHASE FIRST_ID: the client logs commits to $W/DB-PHASE.commits
