@@ -106,13 +106,8 @@ pub enum Command {
     /// Planned role swap: drain and demote the primary, promote NAME with a new epoch.
     /// Refused (exit 3) unless NAME is Connected and UpToDate.
     Switchover {
-        #[arg(
-            short = 'c',
-            long = "config",
-            env = "TANDEM_CONFIG",
-            value_name = "FILE"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArg,
         /// Ask this node's control socket (default: the first node of the config whose
         /// control socket answers on this machine).
         #[arg(short = 'n', long = "node", env = "TANDEM_NODE", value_name = "NAME")]
@@ -155,13 +150,8 @@ pub enum Command {
     /// A local NBD endpoint that follows whichever node is primary, replaying unanswered
     /// requests after a failover.
     Attach {
-        #[arg(
-            short = 'c',
-            long = "config",
-            env = "TANDEM_CONFIG",
-            value_name = "FILE"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArg,
         /// HOST:PORT or unix:PATH.
         #[arg(long, value_name = "ADDR")]
         listen: ListenAddr,
@@ -192,6 +182,19 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
     },
+}
+
+/// `-c/--config` alone, for commands about the whole resource rather than one node.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Resource config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "TANDEM_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: PathBuf,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -304,14 +307,14 @@ pub fn run(cli: Cli) -> ExitCode {
                 simple(&res, serde_json::json!({"cmd": "invalidate"})).await
             }
             Command::Verify { res, wait } => verify(&res, wait).await,
-            Command::Switchover { config, node, to } => switchover(&config, node, &to).await,
+            Command::Switchover { cfg, node, to } => switchover(&cfg.config, node, &to).await,
             Command::DumpMd { path, json } => dump_md(&path, json),
             Command::Attach {
-                config,
+                cfg,
                 listen,
                 timeout,
             } => {
-                let cfg = crate::config::Config::load(&config)?;
+                let cfg = crate::config::Config::load(&cfg.config)?;
                 crate::attach::run(&cfg, &listen, timeout)
                     .await
                     .map_err(Failure::error)

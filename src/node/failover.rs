@@ -265,10 +265,7 @@ impl Node {
                             return;
                         }
                         Ok(WReply::Refused(Refusal::Superseded { epoch: e, holder })) => {
-                            self.lose_primary(format!(
-                                "superseded: the witness has epoch {e} held by {}",
-                                holder.as_deref().unwrap_or("nobody")
-                            ));
+                            self.lose_primary(superseded(e, holder.as_deref()));
                             return;
                         }
                         Ok(other) => {
@@ -528,10 +525,7 @@ impl Node {
             match self.witness(WRequest::Renew { epoch }).await {
                 Ok(WReply::Renewed { .. }) => self.renewed(sent),
                 Ok(WReply::Refused(Refusal::Superseded { epoch: e, holder })) => {
-                    self.lose_primary(format!(
-                        "superseded: the witness has epoch {e} held by {}",
-                        holder.as_deref().unwrap_or("nobody")
-                    ));
+                    self.lose_primary(superseded(e, holder.as_deref()));
                     return;
                 }
                 Ok(other) => {
@@ -832,6 +826,13 @@ impl Node {
             "note": *self.failover_note.lock().unwrap(),
         })
     }
+}
+
+fn superseded(epoch: u64, holder: Option<&str>) -> String {
+    format!(
+        "superseded: the witness has epoch {epoch} held by {}",
+        holder.unwrap_or("nobody")
+    )
 }
 
 /// Why the witness did not grant an epoch.
