@@ -105,7 +105,7 @@ else
             want[$p]=1
             for d in $(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
                            --no-replaces --no-enhances "$p" 2>/dev/null |
-                       awk '$1 == "Depends:" && $2 !~ /^</ {print $2}'); do
+                       awk '($1 == "Depends:" || $1 == "|Depends:") && $2 !~ /^</ {print $2}'); do
                 [ "$d" = qemu-system-common ] && continue
                 installed "$d" || todo+=("$d")
             done
