@@ -147,16 +147,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A local NBD endpoint that follows whichever node is primary, replaying unanswered
-    /// requests after a failover.
+    /// A local NBD endpoint (or the kernel's /dev/nbdN) that follows whichever node is
+    /// primary, replaying unanswered requests after a failover.
+    #[command(group(clap::ArgGroup::new("endpoint").required(true).args(["listen", "device"])))]
     Attach {
         #[command(flatten)]
         cfg: ConfigArg,
-        /// HOST:PORT or unix:PATH.
+        /// Serve a local NBD endpoint on HOST:PORT or unix:PATH.
         #[arg(long, value_name = "ADDR")]
-        listen: ListenAddr,
+        listen: Option<ListenAddr>,
+        /// Attach the kernel's NBD device (/dev/nbdN) instead, over netlink, and re-point it
+        /// at the new primary whenever the kernel reports the link dead.
+        #[arg(long, value_name = "PATH")]
+        device: Option<PathBuf>,
         /// Fail requests with EIO after this long without a primary (default: [failover]
-        /// attach_timeout, 30s).
+        /// attach_timeout, 30s). With --device: the kernel's dead connection timeout.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
     },
@@ -312,12 +317,16 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Attach {
                 cfg,
                 listen,
+                device,
                 timeout,
             } => {
                 let cfg = crate::config::Config::load(&cfg.config)?;
-                crate::attach::run(&cfg, &listen, timeout)
-                    .await
-                    .map_err(Failure::error)
+                match (device, listen) {
+                    (Some(dev), _) => crate::attach::run_device(&cfg, &dev, timeout).await,
+                    (None, Some(listen)) => crate::attach::run(&cfg, &listen, timeout).await,
+                    (None, None) => Err("attach needs --listen or --device".into()),
+                }
+                .map_err(Failure::error)
             }
             Command::Demo { drill, size, dir } => {
                 crate::demo::run(crate::demo::Options { drill, size, dir })

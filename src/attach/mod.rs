@@ -4,6 +4,7 @@
 //! Memory is bounded by the local server's in-flight limits (per connection and total
 //! payload budget): a full window stops reading from the client.
 
+mod device;
 mod upstream;
 
 use std::io;
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use device::run as run_device;
 pub use upstream::{negotiate, Op, Target};
 
 use crate::config::Config;
