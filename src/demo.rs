@@ -376,7 +376,7 @@ async fn load(
     ledger: Arc<Mutex<Ledger>>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), String> {
-    let (mut s, _) = crate::attach::negotiate(&addr, "r0")
+    let (mut s, _, _) = crate::attach::negotiate(&addr, "r0")
         .await
         .map_err(|e| format!("load: {e}"))?;
     let mut version = 0u64;
@@ -423,7 +423,7 @@ async fn load(
 /// Read back every acknowledged block through `attach`: it must hold its last acknowledged
 /// version, or a later one that was issued. Returns the number of lost blocks.
 async fn verify(addr: &str, ledger: &Ledger) -> Result<u64, String> {
-    let (mut s, _) = crate::attach::negotiate(addr, "r0")
+    let (mut s, _, _) = crate::attach::negotiate(addr, "r0")
         .await
         .map_err(|e| format!("verify: {e}"))?;
     let mut lost = 0;

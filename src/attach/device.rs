@@ -13,10 +13,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
 use kernel_nbd::{Device, LinkDeadListener};
-use nbd_wire::consts::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -66,73 +63,6 @@ impl Primary {
     }
 }
 
-/// Fixed-newstyle handshake with NBD_OPT_GO, like [`super::negotiate`], but keeping the
-/// transmission flags: the kernel must know whether it may send FLUSH, FUA and TRIM.
-async fn negotiate_go(addr: &str, export: &str) -> io::Result<(TcpStream, u64, u16)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).await?;
-    let magic = u64::from_be_bytes(hello[0..8].try_into().unwrap());
-    let opt = u64::from_be_bytes(hello[8..16].try_into().unwrap());
-    if magic != NBDMAGIC || opt != IHAVEOPT {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a newstyle NBD server",
-        ));
-    }
-    let server_flags = u16::from_be_bytes([hello[16], hello[17]]);
-    let mut out = BytesMut::new();
-    let mut cflags = FLAG_C_FIXED_NEWSTYLE;
-    if server_flags & FLAG_NO_ZEROES != 0 {
-        cflags |= FLAG_C_NO_ZEROES;
-    }
-    out.put_u32(cflags);
-    out.put_u64(IHAVEOPT);
-    out.put_u32(OPT_GO);
-    out.put_u32(4 + export.len() as u32 + 2);
-    out.put_u32(export.len() as u32);
-    out.put_slice(export.as_bytes());
-    out.put_u16(0);
-    s.write_all(&out).await?;
-    let mut export_info = None;
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).await?;
-        let magic = u64::from_be_bytes(h[0..8].try_into().unwrap());
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        if magic != OPT_REPLY_MAGIC || len > 64 * 1024 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad option reply",
-            ));
-        }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).await?;
-        match kind {
-            REP_ACK => break,
-            REP_INFO
-                if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
-            {
-                let size = u64::from_be_bytes(data[2..10].try_into().unwrap());
-                let flags = u16::from_be_bytes([data[10], data[11]]);
-                export_info = Some((size, flags));
-            }
-            k if k & 0x8000_0000 != 0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    String::from_utf8_lossy(&data).into_owned(),
-                ))
-            }
-            _ => {}
-        }
-    }
-    let (size, flags) = export_info
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "server sent no export info"))?;
-    Ok((s, size, flags))
-}
-
 /// One round over all nodes at once; the first to complete the handshake is the primary
 /// (a secondary refuses). `size`, once known, must match: the kernel cannot change it.
 async fn find_primary(
@@ -144,7 +74,7 @@ async fn find_primary(
     for (name, addr) in nodes.iter().cloned() {
         let export = export.to_owned();
         set.spawn(async move {
-            let r = tokio::time::timeout(CONNECT_TIMEOUT, negotiate_go(&addr, &export)).await;
+            let r = tokio::time::timeout(CONNECT_TIMEOUT, super::negotiate(&addr, &export)).await;
             (name, r)
         });
     }

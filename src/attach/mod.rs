@@ -135,7 +135,7 @@ async fn probe_size(target: &Target) -> Result<u64, String> {
         let mut why = Vec::new();
         for (name, addr) in &target.nodes {
             match negotiate(addr, &target.export).await {
-                Ok((_, size)) => return Ok(size),
+                Ok((_, size, _)) => return Ok(size),
                 Err(e) => why.push(format!("{name}: {e}")),
             }
         }

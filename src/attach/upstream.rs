@@ -156,8 +156,8 @@ async fn connect_any(target: &Target) -> Result<(TcpStream, String), String> {
     let mut why = Vec::new();
     for (name, addr) in &target.nodes {
         match tokio::time::timeout(CONNECT_TIMEOUT, negotiate(addr, &target.export)).await {
-            Ok(Ok((s, size))) if size == target.size => return Ok((s, name.clone())),
-            Ok(Ok((_, size))) => why.push(format!(
+            Ok(Ok((s, size, _))) if size == target.size => return Ok((s, name.clone())),
+            Ok(Ok((_, size, _))) => why.push(format!(
                 "{name} exports {size} bytes, expected {}",
                 target.size
             )),
@@ -168,8 +168,9 @@ async fn connect_any(target: &Target) -> Result<(TcpStream, String), String> {
     Err(why.join("; "))
 }
 
-/// Fixed-newstyle handshake with NBD_OPT_GO; returns the stream and the export size.
-pub async fn negotiate(addr: &str, export: &str) -> io::Result<(TcpStream, u64)> {
+/// Fixed-newstyle handshake with NBD_OPT_GO; returns the stream, the export size and its
+/// transmission flags (the kernel client must know whether it may send FLUSH, FUA, TRIM).
+pub async fn negotiate(addr: &str, export: &str) -> io::Result<(TcpStream, u64, u16)> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let mut hello = [0u8; 18];
@@ -216,7 +217,8 @@ pub async fn negotiate(addr: &str, export: &str) -> io::Result<(TcpStream, u64)>
             REP_INFO
                 if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
             {
-                size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                let flags = u16::from_be_bytes([data[10], data[11]]);
+                size = Some((u64::from_be_bytes(data[2..10].try_into().unwrap()), flags));
             }
             REP_INFO => {}
             k if k & 0x8000_0000 != 0 => {
@@ -228,9 +230,9 @@ pub async fn negotiate(addr: &str, export: &str) -> io::Result<(TcpStream, u64)>
             _ => {}
         }
     }
-    let size = size
+    let (size, flags) = size
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "server sent no export size"))?;
-    Ok((s, size))
+    Ok((s, size, flags))
 }
 
 enum Ended {

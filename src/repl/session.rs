@@ -179,6 +179,14 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             "superseded by the peer's newer epoch; re-handshaking as secondary".into(),
         ));
     }
+    if mine.role == Role::Primary && peer.role == Role::Primary && peer.epoch < mine.epoch {
+        // A superseded primary (e.g. resumed after SIGSTOP) that has not noticed yet: it demotes
+        // itself when it sees this epoch; try again then instead of refusing for good.
+        return Err(HandshakeError::Protocol(format!(
+            "{} still thinks it is primary at epoch {} (mine is {}); retrying once it steps down",
+            node.peer_cfg.name, peer.epoch, mine.epoch
+        )));
+    }
     node.adopt_epoch(peer.epoch);
 
     let verdict = decide(
