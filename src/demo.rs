@@ -63,11 +63,18 @@ impl Drop for Cluster {
     }
 }
 
+/// A free port below the kernel's ephemeral range (from 32768), so that no outgoing
+/// connection takes it between this check and the child binding it; never the same twice.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    use std::sync::atomic::AtomicU32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id() % 10_000;
+    loop {
+        let port = 10_000 + (base + NEXT.fetch_add(7, Ordering::Relaxed)) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 impl Cluster {
@@ -183,10 +190,19 @@ impl Cluster {
         let sock = self.dir.join(format!("{node}.sock"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            if Instant::now() > deadline {
+            let exited = self
+                .procs
+                .get_mut(node)
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                // The directory may be removed on the way out: say what the log said.
+                let log = std::fs::read_to_string(self.dir.join(format!("{node}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 return Err(format!(
-                    "{node} did not come up; see {}",
-                    self.dir.join(format!("{node}.log")).display()
+                    "{node} did not come up ({}): {}",
+                    exited.map_or("timed out".into(), |s| s.to_string()),
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
