@@ -298,6 +298,12 @@ where
                     return Ended::Lost(format!("sending: {e}"));
                 }
                 next = rx.try_recv().ok();
+                if next.is_none() {
+                    // Let the requests that are about to be submitted join this batch: one
+                    // send (and one wake-up of the node) for many requests.
+                    tokio::task::yield_now().await;
+                    next = rx.try_recv().ok();
+                }
             }
             if let Err(e) = w.flush().await {
                 return Ended::Lost(format!("sending: {e}"));
