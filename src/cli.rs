@@ -202,16 +202,11 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// `-c/--config` and `-n/--node`: one node of a resource.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ResourceArgs {
-    /// Resource config file.
-    #[arg(
-        short = 'c',
-        long = "config",
-        env = "TANDEM_CONFIG",
-        value_name = "FILE"
-    )]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub cfg: ConfigArg,
     /// This node's name in the config.
     #[arg(short = 'n', long = "node", env = "TANDEM_NODE", value_name = "NAME")]
     pub node: String,
@@ -286,7 +281,7 @@ pub fn run(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await.map_err(Failure::from),
             Command::CreateMd { res, force, size } => create_md(&res, force, size),
-            Command::Up { res } => crate::node::up::up(&res.config, &res.node).await,
+            Command::Up { res } => crate::node::up::up(&res.cfg.config, &res.node).await,
             Command::Status { res, json, watch } => status(&res, json, watch).await,
             Command::Events { res } => events(&res).await,
             Command::Primary { res, force } => {
@@ -350,7 +345,7 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn create_md(res: &ResourceArgs, force: bool, size: Option<u64>) -> Result<(), Failure> {
-    let cfg = crate::config::Config::load(&res.config)?;
+    let cfg = crate::config::Config::load(&res.cfg.config)?;
     let me = cfg.node(&res.node)?;
     let opts = BackingOptions {
         size,
@@ -389,7 +384,7 @@ fn dump_md(path: &std::path::Path, json: bool) -> Result<(), Failure> {
 
 /// Send one request to the node's control socket; refusals carry their exit code.
 async fn ask(res: &ResourceArgs, req: serde_json::Value) -> Result<serde_json::Value, Failure> {
-    let cfg = crate::config::Config::load(&res.config)?;
+    let cfg = crate::config::Config::load(&res.cfg.config)?;
     let path = cfg.node(&res.node)?.control.clone();
     let reply = crate::control::request(&path, &req)
         .await
@@ -472,7 +467,7 @@ async fn verify(res: &ResourceArgs, wait: bool) -> Result<(), Failure> {
 }
 
 async fn events(res: &ResourceArgs) -> Result<(), Failure> {
-    let cfg = crate::config::Config::load(&res.config)?;
+    let cfg = crate::config::Config::load(&res.cfg.config)?;
     let path = cfg.node(&res.node)?.control.clone();
     crate::control::stream_events(&path, |line| println!("{line}"))
         .await
