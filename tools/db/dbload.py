@@ -79,7 +79,15 @@ class PsqlConn:
         self.p.wait()
 
 
-def pg_load(a):
+class Unavailable(Exception):
+    """The database cannot be reached or opened now (the load keeps trying)."""
+
+
+def run_load(a, connect, commit, close):
+    """One row per transaction until the stop file appears, logging each commit only after
+    it was confirmed. `connect()` returns a connection or raises Unavailable; `commit(conn,
+    i)` returns None or why the commit is not known to have happened; `close(conn)` ends it.
+    A failed commit drops the connection; reconnecting is retried for `a.give_up` seconds."""
     log = open(a.log, "a", buffering=1)
     committed = errors = reconnects = 0
     i = a.first
@@ -87,13 +95,12 @@ def pg_load(a):
     down_since = None
     while not os.path.exists(a.stop):
         if conn is None:
-            conn = PsqlConn(a.host, a.port)
-            if not conn.run("", "READY"):
-                why = conn.why()
-                conn = None
+            try:
+                conn = connect()
+            except Unavailable as e:
                 if down_since is None:
                     down_since = time.time()
-                    say(f"cannot connect: {why}")
+                    say(f"cannot connect: {e}")
                 if time.time() - down_since > a.give_up:
                     say(f"gave up: no connection for {a.give_up}s")
                     break
@@ -104,21 +111,41 @@ def pg_load(a):
                 down_since = None
             if committed or errors:
                 reconnects += 1
-        sql = f"BEGIN; INSERT INTO t(id, phase) VALUES ({i}, {a.phase}); COMMIT;"
-        if conn.run(sql, f"OK {i}"):
+        why = commit(conn, i)
+        if why is None:
             log.write(f"{i} {now_ms():.1f}\n")
             committed += 1
         else:
             errors += 1
-            say(f"row {i}: commit not confirmed: {conn.why()}")
+            say(f"row {i}: commit not confirmed: {why}")
+            close(conn)
             conn = None
             down_since = time.time()
         i += 1
     if conn is not None:
-        conn.run("", "BYE")
-        conn.close()
+        close(conn)
     say(f"done: committed={committed} errors={errors} reconnects={reconnects}")
     return 0
+
+
+def pg_load(a):
+    def connect():
+        conn = PsqlConn(a.host, a.port)
+        if not conn.run("", "READY"):
+            why = conn.why()
+            conn.close()
+            raise Unavailable(why)
+        return conn
+
+    def commit(conn, i):
+        sql = f"BEGIN; INSERT INTO t(id, phase) VALUES ({i}, {a.phase}); COMMIT;"
+        return None if conn.run(sql, f"OK {i}") else conn.why()
+
+    def close(conn):
+        conn.run("", "BYE")
+        conn.close()
+
+    return run_load(a, connect, commit, close)
 
 
 def sqlite_open(path, journal):
@@ -130,49 +157,32 @@ def sqlite_open(path, journal):
 
 
 def sqlite_load(a):
-    log = open(a.log, "a", buffering=1)
-    committed = errors = reconnects = 0
-    i = a.first
-    conn = None
-    down_since = None
     pad = "x" * 200
-    while not os.path.exists(a.stop):
-        if conn is None:
-            try:
-                conn, mode = sqlite_open(a.db, a.journal)
-                if committed or errors:
-                    reconnects += 1
-                    say(f"reopened (journal_mode={mode})")
-                down_since = None
-            except sqlite3.Error as e:
-                if down_since is None:
-                    down_since = time.time()
-                say(f"cannot open: {e}")
-                if time.time() - down_since > a.give_up:
-                    say(f"gave up: cannot open for {a.give_up}s")
-                    break
-                time.sleep(0.2)
-                continue
+
+    def connect():
+        try:
+            conn, mode = sqlite_open(a.db, a.journal)
+        except sqlite3.Error as e:
+            raise Unavailable(str(e))
+        say(f"opened (journal_mode={mode})")
+        return conn
+
+    def commit(conn, i):
         try:
             conn.execute("BEGIN")
             conn.execute("INSERT INTO t(id, phase, pad) VALUES (?, ?, ?)", (i, a.phase, pad))
             conn.execute("COMMIT")
-            log.write(f"{i} {now_ms():.1f}\n")
-            committed += 1
+            return None
         except sqlite3.Error as e:
-            errors += 1
-            say(f"row {i}: commit failed: {type(e).__name__}: {e}")
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-            conn = None
-            down_since = time.time()
-        i += 1
-    if conn is not None:
-        conn.close()
-    say(f"done: committed={committed} errors={errors} reconnects={reconnects}")
-    return 0
+            return f"{type(e).__name__}: {e}"
+
+    def close(conn):
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
+    return run_load(a, connect, commit, close)
 
 
 def pg_ids(a):
