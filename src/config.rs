@@ -276,6 +276,17 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A secret file's contents minus one trailing `\n` or `\r\n` (editors add one; the nodes and
+/// the witness must agree on the bytes).
+pub fn strip_line_end(data: &mut Vec<u8>) {
+    if data.last() == Some(&b'\n') {
+        data.pop();
+        if data.last() == Some(&b'\r') {
+            data.pop();
+        }
+    }
+}
+
 impl Config {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -380,12 +391,7 @@ impl Config {
                 format!("secret_file {} {what}", file.display()),
             )
         })?;
-        if data.last() == Some(&b'\n') {
-            data.pop();
-            if data.last() == Some(&b'\r') {
-                data.pop();
-            }
-        }
+        strip_line_end(&mut data);
         if data.is_empty() {
             return Err(ConfigError::new(
                 &self.path,

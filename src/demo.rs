@@ -385,6 +385,20 @@ fn pattern(block: u64, version: u64) -> BytesMut {
     b
 }
 
+/// An NBD request header for one whole block.
+fn block_request(kind: u16, cookie: u64, block: u64) -> BytesMut {
+    let mut req = BytesMut::with_capacity(28 + BLOCK);
+    RequestHeader {
+        flags: 0,
+        kind,
+        cookie,
+        offset: block * BLOCK as u64,
+        length: BLOCK as u32,
+    }
+    .encode(&mut req);
+    req
+}
+
 /// Write versioned blocks through `attach` one at a time until `stop`, recording every
 /// acknowledgement (a simple NBD client: the point is what was acknowledged, not speed).
 async fn load(
@@ -404,15 +418,7 @@ async fn load(
         let block = rng % DRILL_BLOCKS;
         version += 1;
         ledger.lock().unwrap().issued.insert(block, version);
-        let mut req = BytesMut::with_capacity(28 + BLOCK);
-        RequestHeader {
-            flags: 0,
-            kind: CMD_WRITE,
-            cookie: version,
-            offset: block * BLOCK as u64,
-            length: BLOCK as u32,
-        }
-        .encode(&mut req);
+        let mut req = block_request(CMD_WRITE, version, block);
         req.extend_from_slice(&pattern(block, version));
         s.write_all(&req).await.map_err(|e| format!("load: {e}"))?;
         let mut reply = [0u8; 16];
@@ -444,15 +450,7 @@ async fn verify(addr: &str, ledger: &Ledger) -> Result<u64, String> {
         .map_err(|e| format!("verify: {e}"))?;
     let mut lost = 0;
     for (&block, &acked) in &ledger.acked {
-        let mut req = BytesMut::with_capacity(28);
-        RequestHeader {
-            flags: 0,
-            kind: CMD_READ,
-            cookie: block,
-            offset: block * BLOCK as u64,
-            length: BLOCK as u32,
-        }
-        .encode(&mut req);
+        let req = block_request(CMD_READ, block, block);
         s.write_all(&req).await.map_err(|e| e.to_string())?;
         let mut reply = [0u8; 16];
         s.read_exact(&mut reply).await.map_err(|e| e.to_string())?;

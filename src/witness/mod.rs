@@ -78,12 +78,7 @@ fn read_secret(data: &Path, resource: &str) -> Result<Vec<u8>, String> {
         }
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    if s.last() == Some(&b'\n') {
-        s.pop();
-        if s.last() == Some(&b'\r') {
-            s.pop();
-        }
-    }
+    crate::config::strip_line_end(&mut s);
     if s.is_empty() {
         return Err(format!("{} holds an empty secret", path.display()));
     }
