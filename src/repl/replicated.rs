@@ -111,15 +111,9 @@ impl ReplicatedStore {
                 Hold::Fail(why) => break Err(why),
             }
         };
-        let mut meta = self.node.meta();
-        if local.is_err() || held.is_err() {
-            // The copies may now differ in this range; the bitmap makes a resync repair it.
-            meta.mark_out_of_sync(offset, len);
-        }
-        drop(meta);
         // Without the peer's acknowledgement the write may be acknowledged only once the new
         // generation is on disk; if that fails, the client gets the error.
-        let result = match held {
+        let result = match &held {
             Err(why) => {
                 tracing::debug!("write at {offset} not acknowledged: {why}");
                 Err(io::Error::from_raw_os_error(libc::ESHUTDOWN))
@@ -127,7 +121,13 @@ impl ReplicatedStore {
             Ok(()) if peer != Replicated::Acked => self.degraded(offset, len).and(local),
             Ok(()) => local,
         };
-        self.node.meta().release(offset, len);
+        // One metadata lock per write on the common path.
+        let mut meta = self.node.meta();
+        if result.is_err() {
+            // The copies may now differ in this range; the bitmap makes a resync repair it.
+            meta.mark_out_of_sync(offset, len);
+        }
+        meta.release(offset, len);
         result
     }
 }
