@@ -488,13 +488,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Message::State(ps) => {
                     // The peer finished its resync (or was UpToDate all along): lift its
                     // outdated mark.
-                    let became_up_to_date = ps.disk == DiskState::UpToDate
+                    let lift_outdated_mark = ps.disk == DiskState::UpToDate
                         && node.role() == Role::Primary
                         && node.meta().superblock().flags.peer_outdated;
                     node.adopt_epoch(ps.epoch);
                     *link.peer.lock().unwrap() = ps;
                     node.bump();
-                    if became_up_to_date {
+                    if lift_outdated_mark {
                         let n = node.clone();
                         tokio::spawn(async move { n.peer_in_sync().await });
                     }
