@@ -10,7 +10,8 @@
 #    serve, replicated, nbdkit, ...), median of the repetitions: 4 KiB random write QD32 and
 #    1 MiB sequential write QD8 against `nbdkit file`, `tandem serve` (each on its own pre-filled
 #    file) and the replicated primary (alpha's NBD export, protocol C: every write is on both
-#    disks before it is acknowledged). Ratios replicated/serve and replicated/nbdkit.
+#    disks before it is acknowledged). Ratios replicated/serve and replicated/nbdkit. Every
+#    workload starts with all four files written back and evicted from the page cache.
 # 3. Peak RSS (VmHWM) of both pair nodes over the whole run.
 # Everything is stopped with SIGTERM at the end and the exit codes are checked.
 set -euo pipefail
@@ -246,6 +247,22 @@ d = j["write"]
 print(round(d["iops"]), round(d["bw_bytes"] / 1048576, 1))' "$work/fio.json" || die "fio against $t reported an error"
 }
 
+# Each target's file starts a workload with the same page-cache state: written back and
+# evicted. Without this the comparison measures the files' histories, not the servers: the
+# resync source's file was read while still sparse, and a 4 KiB write into the page cache
+# folios that left costs several times one into a fresh page (seen here: 14 us against 4 us).
+settle_caches() {
+  sync
+  python3 - "$work"/*.img <<'PY'
+import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+PY
+}
+
 median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 echo
@@ -254,6 +271,7 @@ printf '%-18s %-11s %10s %10s %12s %14s\n' workload target IOPS MiB/s repl/serve
 for w in "${workloads[@]}"; do
   read -r name rw bs qd <<<"$w"
   declare -A iops_l=() mib_l=()
+  settle_caches
   for _ in $(seq "$reps"); do
     for t in "${targets[@]}"; do
       read -r i m < <(run_fio "$t" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$size")

@@ -336,6 +336,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut buf = Vec::with_capacity(BATCH_LIMIT + COPY_LIMIT);
     while let Some(first) = rx.recv().await {
+        // Requests finishing in this round of the scheduler share one send (without the
+        // yield, a request task wakes this one straight away and each reply goes alone).
+        tokio::task::yield_now().await;
         let mut next = Some(first);
         while let Some(reply) = next {
             if let Some(large) = encode(&mut buf, reply, structured) {

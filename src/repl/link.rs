@@ -158,6 +158,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
             _ = closed.wait_for(|c| *c) => return Ok(()),
         };
+        // Let the tasks that are ready run first: what they queue joins this batch, so the
+        // peer sees one send per batch instead of one per request.
+        tokio::task::yield_now().await;
         let mut next = Some(first);
         while let Some(out) = next {
             match out {

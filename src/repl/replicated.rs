@@ -100,7 +100,14 @@ impl ReplicatedStore {
                 }
             }
         };
-        let (local, mut peer) = tokio::join!(local, send(self.node.link()));
+        // The frame is queued for the peer first; the local write waits one scheduler round, so
+        // the link writer sends this round's frames before the local copies are made and both
+        // nodes write at the same time.
+        let local = async {
+            tokio::task::yield_now().await;
+            local.await
+        };
+        let (mut peer, local) = tokio::join!(send(self.node.link()), local);
         let held = loop {
             if peer != Replicated::LinkLost {
                 break Ok(());

@@ -438,6 +438,35 @@ pub(crate) fn read_cached(b: &Backing, enabled: &AtomicBool, offset: u64, buf: &
     }
 }
 
+/// Largest write done inline into the page cache (see `write_cached`).
+pub(crate) const INLINE_WRITE_MAX: usize = 64 << 10;
+
+/// Try a small buffered write on the calling thread. A buffered write only copies into the
+/// page cache, so one `pwrite` is far cheaper than handing it to the engine's thread (and,
+/// where the file system cannot do non-blocking buffered writes, as on ext4, from there to an
+/// io_uring worker) and back. It may block only while the kernel throttles dirty pages, which
+/// would throttle any writer. Returns the bytes written (0: not tried, or retry in the engine);
+/// FUA writes and requests the `O_DIRECT` descriptor takes are left to the engine.
+pub(crate) fn write_cached(b: &Backing, offset: u64, data: &[u8], fua: bool) -> io::Result<usize> {
+    if fua
+        || data.len() > INLINE_WRITE_MAX
+        || (b.direct.is_some() && is_aligned(offset, data.len(), std::ptr::null()))
+    {
+        return Ok(0);
+    }
+    match b.file.write_at(data, offset) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            Ok(0)
+        }
+        r => r,
+    }
+}
+
 fn pwrite_once(file: &File, data: &[u8], offset: u64, fua: bool) -> io::Result<usize> {
     if !fua {
         return file.write_at(data, offset);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::file::{
     check_range, extents_sync, fadvise_willneed, pread_full, punch_hole, pwrite_all,
-    read_only_error, start_read, write_zeroes_sync, Backing, ReadStart,
+    read_only_error, start_read, write_cached, write_zeroes_sync, Backing, ReadStart,
 };
 use super::{BlockStore, Extent, IoFuture};
 
@@ -79,7 +79,11 @@ impl BlockStore for ThreadStore {
         if data.is_empty() {
             return Box::pin(async { Ok(()) });
         }
-        self.run(move |b| pwrite_all(b, &data, offset, fua))
+        match write_cached(&self.backing, offset, &data, fua) {
+            Ok(n) if n == data.len() => Box::pin(async { Ok(()) }),
+            Ok(n) => self.run(move |b| pwrite_all(b, &data[n..], offset + n as u64, fua)),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {

@@ -33,7 +33,8 @@ use tokio::sync::oneshot;
 use super::buf::{is_aligned, AlignedBuf};
 use super::file::{
     check_range, extents_sync, fadvise_willneed, is_unsupported, needs_aligned_copy,
-    read_only_error, start_read, zero_chunks, zeroes, Backing, ReadStart, PUNCH_MODE, ZERO_MODE,
+    read_only_error, start_read, write_cached, zero_chunks, zeroes, Backing, ReadStart, PUNCH_MODE,
+    ZERO_MODE,
 };
 use super::{BlockStore, Extent, IoFuture};
 
@@ -343,10 +344,14 @@ impl BlockStore for UringStore {
             } else {
                 data
             };
+            let done = write_cached(&self.backing, offset, &data, fua)?;
+            if done == data.len() {
+                return Ok(());
+            }
             let req = Req::Write {
                 offset,
                 data,
-                done: 0,
+                done,
                 fua,
             };
             self.call(req).await.map(drop)
