@@ -150,6 +150,9 @@ done
 # full data copy here (tandem reads and ships every block of the volume; it does not skip
 # holes), so this measures the real resync path, minus the source disk's read cost of
 # allocated blocks.
+# Dirty data the machine wrote before this run (an earlier benchmark, a build) would otherwise
+# be written back during the resync and throttle it; start from a clean page cache.
+sync
 echo "== initial full resync of $size (alpha --force primary, beta SyncTarget) =="
 python3 - "$tandem" "$cfg" "$size_bytes" "$work/resync.out" <<'EOF' || die "initial resync did not finish"
 import json, subprocess, sys, time
