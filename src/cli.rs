@@ -260,10 +260,10 @@ impl From<Engine> for EngineChoice {
 
 pub fn run(cli: Cli) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // A node's tokio workers only run protocol logic; data is copied by the ring thread and
-    // io_uring's kernel workers. Half the CPUs leaves room for those and for the peer's
-    // traffic: measured on 2 cores, 1 worker gave 1.4x the replicated 4 KiB write IOPS and
-    // 2x the resync rate of 2. TOKIO_WORKER_THREADS still overrides.
+    // A node's tokio workers run protocol logic and small page-cache copies; larger IO runs on
+    // the ring thread and io_uring's kernel workers. Half the CPUs leaves room for those and
+    // for the peer's traffic: measured on 2 cores, 1 worker gave 1.4x the replicated 4 KiB
+    // write IOPS and 2x the resync rate of 2. TOKIO_WORKER_THREADS still overrides.
     if matches!(cli.command, Command::Up { .. } | Command::Attach { .. })
         && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
     {
