@@ -566,6 +566,54 @@ mod tests {
     }
 
     #[test]
+    fn small_buffered_writes_go_inline_and_the_rest_to_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let b = open_backing(&path, &opts(Some(1 << 20))).unwrap();
+        let on_disk =
+            |off: usize, len: usize| std::fs::read(&path).unwrap()[off..off + len].to_vec();
+
+        assert_eq!(write_cached(&b, 4096, &[1; 4096], false).unwrap(), 4096);
+        assert_eq!(on_disk(4096, 4096), vec![1; 4096]);
+        assert_eq!(
+            write_cached(&b, 4096, &[2; 4096], true).unwrap(),
+            0,
+            "FUA: the engine"
+        );
+        let big = vec![3; INLINE_WRITE_MAX + 1];
+        assert_eq!(
+            write_cached(&b, 0, &big, false).unwrap(),
+            0,
+            "large: the engine"
+        );
+        assert_eq!(
+            on_disk(4096, 4096),
+            vec![1; 4096],
+            "nothing written when declined"
+        );
+
+        // Requests the O_DIRECT descriptor takes stay off the page cache.
+        let direct = BackingOptions {
+            size: Some(1 << 20),
+            direct: true,
+            ..Default::default()
+        };
+        let d = open_backing(&path, &direct).unwrap();
+        assert_eq!(write_cached(&d, 8192, &[4; 4096], false).unwrap(), 0);
+        assert_eq!(write_cached(&d, 100, &[5; 10], false).unwrap(), 10);
+        assert_eq!(on_disk(100, 10), vec![5; 10]);
+
+        // A real failure is an error, not a silent hand-over to the engine.
+        let ro = BackingOptions {
+            size: None,
+            read_only: true,
+            direct: false,
+        };
+        let r = open_backing(&path, &ro).unwrap();
+        assert!(write_cached(&r, 0, &[6; 512], false).is_err());
+    }
+
+    #[test]
     fn missing_file_without_size_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nope.img");
