@@ -33,6 +33,8 @@ pub struct Extent {
 
 /// Block IO on a device of fixed size. Offsets and lengths are already validated against
 /// `size()` by the caller; implementations may still return `EINVAL` for out-of-range IO.
+/// Nothing reaches the disk before a returned future is first polled: the replicated store
+/// creates the local write before it holds the range lock and the activity-log extent.
 pub trait BlockStore: Send + Sync + 'static {
     /// Size in bytes of the exported device.
     fn size(&self) -> u64;

@@ -704,6 +704,25 @@ pub(crate) async fn read_only(e: Engine) {
     assert_eq!(std::fs::read(&path).unwrap(), vec![0x42u8; 64 * K as usize]);
 }
 
+/// A write reaches the file only once its future is polled (see the trait's contract).
+pub(crate) async fn writes_wait_for_the_first_poll(e: Engine) {
+    let Some(env) = env(e, M) else { return };
+    let s = &env.store;
+    for (offset, len) in [(0u64, 4096usize), (64 * K, 256 * K as usize)] {
+        let pending = s.write(offset, Bytes::from(vec![0x5a; len]), false);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let on_disk = std::fs::read(&env.path).unwrap();
+        assert!(
+            on_disk[offset as usize..offset as usize + len]
+                .iter()
+                .all(|&b| b == 0),
+            "{len}-byte write at {offset} reached the file before it was polled"
+        );
+        pending.await.unwrap();
+        assert_bytes(s, offset, len, 0x5a).await;
+    }
+}
+
 macro_rules! suite {
     (engines: [$($eng:ident => $val:expr),* $(,)?], tests: $tests:tt) => {
         $( suite!(@one $eng, $val, $tests); )*
@@ -744,6 +763,7 @@ suite! {
         page_cache_use,
         read_past_eof_is_zero,
         partially_cached_read,
+        writes_wait_for_the_first_poll,
     ]
 }
 

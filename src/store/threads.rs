@@ -79,11 +79,14 @@ impl BlockStore for ThreadStore {
         if data.is_empty() {
             return Box::pin(async { Ok(()) });
         }
-        match write_cached(&self.backing, offset, &data, fua) {
-            Ok(n) if n == data.len() => Box::pin(async { Ok(()) }),
-            Ok(n) => self.run(move |b| pwrite_all(b, &data[n..], offset + n as u64, fua)),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        Box::pin(async move {
+            let n = write_cached(&self.backing, offset, &data, fua)?;
+            if n == data.len() {
+                return Ok(());
+            }
+            self.run(move |b| pwrite_all(b, &data[n..], offset + n as u64, fua))
+                .await
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
