@@ -5,7 +5,8 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -32,6 +33,8 @@ pub struct Backing {
     pub size: u64,
     pub is_block_device: bool,
     pub read_only: bool,
+    /// Whether small writes may go straight into the page cache (see `write_cached`).
+    pub inline_writes: InlineWrites,
 }
 
 fn context(path: &Path, what: &str, err: io::Error) -> io::Error {
@@ -158,6 +161,7 @@ pub fn open_backing(path: &Path, opts: &BackingOptions) -> io::Result<Backing> {
         size,
         is_block_device,
         read_only: opts.read_only,
+        inline_writes: InlineWrites::new(INLINE_BACK_OFF),
     })
 }
 
@@ -440,21 +444,73 @@ pub(crate) fn read_cached(b: &Backing, enabled: &AtomicBool, offset: u64, buf: &
 
 /// Largest write done inline into the page cache (see `write_cached`).
 pub(crate) const INLINE_WRITE_MAX: usize = 64 << 10;
+/// An inline write slower than this was throttled, or reclaimed memory (a page-cache copy
+/// takes microseconds; being preempted on a busy machine takes a few milliseconds)...
+const SLOW_INLINE_WRITE: Duration = Duration::from_millis(20);
+/// ...and small writes go through the engine for this long.
+const INLINE_BACK_OFF: Duration = Duration::from_secs(1);
+
+/// Turns inline writes off for a while after a slow one. A `pwrite` into the page cache blocks
+/// when the kernel throttles dirty pages (a disk slower than the writers); on the calling
+/// thread that would also hold up the tokio worker that answers the peer's pings and renews
+/// the lease, so then the engine's threads take the waiting instead.
+#[derive(Debug)]
+pub struct InlineWrites {
+    origin: Instant,
+    /// Milliseconds after `origin` until which inline writes are off.
+    off_until: AtomicU64,
+    back_off: Duration,
+}
+
+impl InlineWrites {
+    pub(crate) fn new(back_off: Duration) -> Self {
+        InlineWrites {
+            origin: Instant::now(),
+            off_until: AtomicU64::new(0),
+            back_off,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn allowed(&self) -> bool {
+        self.now_ms() >= self.off_until.load(Relaxed)
+    }
+
+    pub(crate) fn took(&self, elapsed: Duration) {
+        if elapsed > SLOW_INLINE_WRITE {
+            let until = self.now_ms() + self.back_off.as_millis() as u64;
+            if self.off_until.swap(until, Relaxed) <= self.now_ms() {
+                tracing::debug!(
+                    "a page-cache write took {elapsed:?}: small writes go through the engine for {:?}",
+                    self.back_off
+                );
+            }
+        }
+    }
+}
 
 /// Try a small buffered write on the calling thread. A buffered write only copies into the
 /// page cache, so one `pwrite` is far cheaper than handing it to the engine's thread (and,
 /// where the file system cannot do non-blocking buffered writes, as on ext4, from there to an
 /// io_uring worker) and back. It may block only while the kernel throttles dirty pages, which
-/// would throttle any writer. Returns the bytes written (0: not tried, or retry in the engine);
-/// FUA writes and requests the `O_DIRECT` descriptor takes are left to the engine.
+/// would throttle any writer; after a slow one, inline writes pause (see `InlineWrites`).
+/// Returns the bytes written (0: not tried, or retry in the engine); FUA writes and requests
+/// the `O_DIRECT` descriptor takes are left to the engine.
 pub(crate) fn write_cached(b: &Backing, offset: u64, data: &[u8], fua: bool) -> io::Result<usize> {
     if fua
         || data.len() > INLINE_WRITE_MAX
         || (b.direct.is_some() && is_aligned(offset, data.len(), std::ptr::null()))
+        || !b.inline_writes.allowed()
     {
         return Ok(0);
     }
-    match b.file.write_at(data, offset) {
+    let started = Instant::now();
+    let r = b.file.write_at(data, offset);
+    b.inline_writes.took(started.elapsed());
+    match r {
         Err(e)
             if matches!(
                 e.kind(),
@@ -602,6 +658,29 @@ mod tests {
         assert_eq!(write_cached(&d, 8192, &[4; 4096], false).unwrap(), 0);
         assert_eq!(write_cached(&d, 100, &[5; 10], false).unwrap(), 10);
         assert_eq!(on_disk(100, 10), vec![5; 10]);
+
+        // After a slow one (throttled), small writes go to the engine until the back-off ends.
+        let mut b = b;
+        b.inline_writes = InlineWrites::new(Duration::from_millis(200));
+        b.inline_writes.took(Duration::from_micros(500));
+        assert_eq!(
+            write_cached(&b, 0, &[7; 512], false).unwrap(),
+            512,
+            "fast: inline"
+        );
+        b.inline_writes.took(SLOW_INLINE_WRITE * 2);
+        assert_eq!(
+            write_cached(&b, 0, &[8; 512], false).unwrap(),
+            0,
+            "after a slow one"
+        );
+        assert_eq!(on_disk(0, 512), vec![7; 512]);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            write_cached(&b, 0, &[9; 512], false).unwrap(),
+            512,
+            "back-off over"
+        );
 
         // A real failure is an error, not a silent hand-over to the engine.
         let ro = BackingOptions {
