@@ -1,6 +1,7 @@
 //! Establishing the peer link (accept or dial, authenticate, exchange state and bitmaps,
 //! decide the sync direction) and running it (dispatching frames, pings, resync, verify).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -407,12 +408,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 fua,
                 data,
             } => {
-                let (n, l) = (node.clone(), link.clone());
-                tokio::spawn(async move {
-                    let len = data.len() as u64;
-                    let r = n.store.write(offset, data, fua).await;
-                    ack_apply(&n, &l, seq, offset, len, r).await;
-                });
+                let len = data.len() as u64;
+                let n = node.clone();
+                let mut write = Box::pin(async move { n.store.write(offset, data, fua).await });
+                // A page-cache write finishes on its first poll: apply it here without a task
+                // of its own. Anything the engine has to wait for continues in a task.
+                let first_poll = {
+                    let mut noop = std::task::Context::from_waker(std::task::Waker::noop());
+                    write.as_mut().poll(&mut noop)
+                };
+                match first_poll {
+                    std::task::Poll::Ready(r) => ack_apply(node, link, seq, offset, len, r).await,
+                    std::task::Poll::Pending => {
+                        let (n, l) = (node.clone(), link.clone());
+                        tokio::spawn(async move {
+                            let r = write.await;
+                            ack_apply(&n, &l, seq, offset, len, r).await;
+                        });
+                    }
+                }
             }
             Frame::ResyncData { seq, offset, data } => {
                 let (n, l) = (node.clone(), link.clone());
