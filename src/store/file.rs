@@ -471,20 +471,24 @@ impl InlineWrites {
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.origin).as_millis() as u64
     }
 
-    pub(crate) fn allowed(&self) -> bool {
-        self.now_ms() >= self.off_until.load(Relaxed)
+    /// Whether a write starting at `now` may go inline.
+    pub(crate) fn allowed(&self, now: Instant) -> bool {
+        self.ms(now) >= self.off_until.load(Relaxed)
     }
 
-    pub(crate) fn took(&self, elapsed: Duration) {
-        if elapsed > SLOW_INLINE_WRITE {
-            let until = self.now_ms() + self.back_off.as_millis() as u64;
-            if self.off_until.swap(until, Relaxed) <= self.now_ms() {
+    /// An inline write that started at `started` has just finished.
+    pub(crate) fn finished(&self, started: Instant) {
+        let now = Instant::now();
+        let took = now - started;
+        if took > SLOW_INLINE_WRITE {
+            let until = self.ms(now + self.back_off);
+            if self.off_until.swap(until, Relaxed) <= self.ms(now) {
                 tracing::debug!(
-                    "a page-cache write took {elapsed:?}: small writes go through the engine for {:?}",
+                    "a page-cache write took {took:?}: small writes go through the engine for {:?}",
                     self.back_off
                 );
             }
@@ -503,22 +507,17 @@ pub(crate) fn write_cached(b: &Backing, offset: u64, data: &[u8], fua: bool) -> 
     if fua
         || data.len() > INLINE_WRITE_MAX
         || (b.direct.is_some() && is_aligned(offset, data.len(), std::ptr::null()))
-        || !b.inline_writes.allowed()
     {
         return Ok(0);
     }
     let started = Instant::now();
+    if !b.inline_writes.allowed(started) {
+        return Ok(0);
+    }
     let r = b.file.write_at(data, offset);
-    b.inline_writes.took(started.elapsed());
+    b.inline_writes.finished(started);
     match r {
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-            ) =>
-        {
-            Ok(0)
-        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
         r => r,
     }
 }
@@ -662,13 +661,15 @@ mod tests {
         // After a slow one (throttled), small writes go to the engine until the back-off ends.
         let mut b = b;
         b.inline_writes = InlineWrites::new(Duration::from_millis(200));
-        b.inline_writes.took(Duration::from_micros(500));
+        b.inline_writes
+            .finished(Instant::now() - Duration::from_micros(500));
         assert_eq!(
             write_cached(&b, 0, &[7; 512], false).unwrap(),
             512,
             "fast: inline"
         );
-        b.inline_writes.took(SLOW_INLINE_WRITE * 2);
+        b.inline_writes
+            .finished(Instant::now() - SLOW_INLINE_WRITE * 2);
         assert_eq!(
             write_cached(&b, 0, &[8; 512], false).unwrap(),
             0,
