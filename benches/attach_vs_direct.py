@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from failover import ROOT, TANDEM, Cluster, fio, free_port
+from settle_caches import settle_caches
 
 
 def main():
@@ -63,19 +64,6 @@ def main():
         if c:
             c.close()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def settle_caches(paths):
-    """Write back and evict the nodes' files, so every run starts from the same page-cache
-    state (the resync leaves the source's cache in a state where 4 KiB writes cost ~3x)."""
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 if __name__ == "__main__":

@@ -250,21 +250,10 @@ d = j["write"]
 print(round(d["iops"]), round(d["bw_bytes"] / 1048576, 1))' "$work/fio.json" || die "fio against $t reported an error"
 }
 
-# Each target's file starts a workload with the same page-cache state: written back and
-# evicted. Without this the comparison measures the files' histories, not the servers: the
-# resync source's file was read while still sparse, and a 4 KiB write into the page cache
-# folios that left costs several times one into a fresh page (seen here: 14 us against 4 us).
-settle_caches() {
-  sync
-  python3 - "$work"/*.img <<'PY'
-import os, sys
-for path in sys.argv[1:]:
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-PY
-}
+# Each target's file starts a workload with the same page-cache state (written back and
+# evicted), so the comparison measures the servers, not the files' histories: the resync
+# source's file was read while still sparse.
+settle_caches() { python3 benches/settle_caches.py "$work"/*.img; }
 
 median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
