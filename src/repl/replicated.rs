@@ -92,10 +92,15 @@ impl ReplicatedStore {
             let remote = &remote;
             async move {
                 match link {
-                    Some(link) => match remote(link.next_seq()) {
-                        Remote::Write(data, fua) => replicate_write(&link, offset, data, fua).await,
-                        Remote::Control(seq, msg) => replicate_control(&link, seq, msg).await,
-                    },
+                    Some(link) => {
+                        let seq = link.next_seq();
+                        match remote(seq) {
+                            Remote::Write(data, fua) => {
+                                replicate_write(&link, seq, offset, data, fua).await
+                            }
+                            Remote::Control(msg) => replicate_control(&link, seq, msg).await,
+                        }
+                    }
                     None => Replicated::LinkLost,
                 }
             }
@@ -139,9 +144,10 @@ impl ReplicatedStore {
     }
 }
 
+/// What goes to the peer for one write-like operation (built with its sequence number).
 enum Remote {
     Write(Bytes, bool),
-    Control(u64, Message),
+    Control(Message),
 }
 
 impl BlockStore for ReplicatedStore {
@@ -185,7 +191,7 @@ impl BlockStore for ReplicatedStore {
         Box::pin(async move {
             let local = self.node.store.discard(offset, len);
             self.both(offset, len, local, |seq| {
-                Remote::Control(seq, Message::Trim { seq, offset, len })
+                Remote::Control(Message::Trim { seq, offset, len })
             })
             .await
         })
@@ -195,15 +201,12 @@ impl BlockStore for ReplicatedStore {
         Box::pin(async move {
             let local = self.node.store.write_zeroes(offset, len, may_trim);
             self.both(offset, len, local, |seq| {
-                Remote::Control(
+                Remote::Control(Message::Zero {
                     seq,
-                    Message::Zero {
-                        seq,
-                        offset,
-                        len,
-                        may_trim,
-                    },
-                )
+                    offset,
+                    len,
+                    may_trim,
+                })
             })
             .await
         })

@@ -853,8 +853,13 @@ pub async fn replicate_control(link: &Link, seq: u64, msg: Message) -> Replicate
 }
 
 /// Send an application write to the peer and wait for its acknowledgement.
-pub async fn replicate_write(link: &Link, offset: u64, data: Bytes, fua: bool) -> Replicated {
-    let seq = link.next_seq();
+pub async fn replicate_write(
+    link: &Link,
+    seq: u64,
+    offset: u64,
+    data: Bytes,
+    fua: bool,
+) -> Replicated {
     let rx = link.expect(seq);
     if link
         .send_data(Kind::Write, seq, offset, fua, data)
