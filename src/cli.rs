@@ -74,6 +74,10 @@ pub enum Command {
     Up {
         #[command(flatten)]
         res: ResourceArgs,
+        /// Testing: hold writes in memory until a flush, so a kill -9 loses them as an
+        /// operating-system crash would.
+        #[arg(long, hide = true)]
+        volatile_cache: bool,
     },
     /// Show one node's view of the resource.
     Status {
@@ -281,7 +285,10 @@ pub fn run(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await.map_err(Failure::from),
             Command::CreateMd { res, force, size } => create_md(&res, force, size),
-            Command::Up { res } => crate::node::up::up(&res.cfg.config, &res.node).await,
+            Command::Up {
+                res,
+                volatile_cache,
+            } => crate::node::up::up(&res.cfg.config, &res.node, volatile_cache).await,
             Command::Status { res, json, watch } => status(&res, json, watch).await,
             Command::Events { res } => events(&res).await,
             Command::Primary { res, force } => {

@@ -22,6 +22,7 @@
 //! ping_timeout = "1s"         # default 1s; must be longer than ping_interval
 //! secret_file = "/etc/tandem/r0.secret"   # needed by `up` (see Config::secret)
 //! connect_interval = "500ms"  # default 500ms; how often to redial the peer
+//! peer_flush_interval = "1s"  # default 1s; how often the peer flushes what it acknowledged
 //!
 //! [failover]                  # optional, but the default fencing needs `witness`
 //! auto = true                 # default true
@@ -73,6 +74,8 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default `[net] connect_interval`.
 pub const DEFAULT_CONNECT_INTERVAL: Duration = Duration::from_millis(500);
+/// Default `[net] peer_flush_interval`.
+pub const DEFAULT_PEER_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Default `[failover] attach_timeout`.
 pub const DEFAULT_ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `[failover] lease`.
@@ -147,6 +150,9 @@ pub struct NetConfig {
     pub secret_file: Option<PathBuf>,
     /// How often to redial the peer while disconnected.
     pub connect_interval: Duration,
+    /// How often the node that sends writes asks the peer to flush what it acknowledged, so
+    /// that a crash of the peer's operating system leaves little to resync.
+    pub peer_flush_interval: Duration,
     /// Line of `secret_file` in the file, for errors from [`Config::secret`].
     pub secret_file_line: Option<usize>,
 }
@@ -158,6 +164,7 @@ impl Default for NetConfig {
             ping_timeout: DEFAULT_PING_TIMEOUT,
             secret_file: None,
             connect_interval: DEFAULT_CONNECT_INTERVAL,
+            peer_flush_interval: DEFAULT_PEER_FLUSH_INTERVAL,
             secret_file_line: None,
         }
     }
@@ -436,6 +443,7 @@ const NET_KEYS: &[&str] = &[
     "ping_timeout",
     "secret_file",
     "connect_interval",
+    "peer_flush_interval",
 ];
 const FAILOVER_KEYS: &[&str] = &[
     "auto",
@@ -637,6 +645,9 @@ fn parse_net(top: &Tbl) -> Result<NetConfig, ConfigError> {
     let interval = t.positive_duration("ping_interval")?;
     let timeout = t.positive_duration("ping_timeout")?;
     let connect = t.positive_duration("connect_interval")?;
+    if let Some((d, _)) = t.positive_duration("peer_flush_interval")? {
+        net.peer_flush_interval = d;
+    }
     if let Some((d, _)) = interval {
         net.ping_interval = d;
     }
@@ -1272,6 +1283,7 @@ checksum = false    # compare block digests first; send only blocks that differ
                 ping_timeout: Duration::from_secs(1),
                 secret_file: Some(p("r0.secret")),
                 connect_interval: Duration::from_millis(500),
+                peer_flush_interval: Duration::from_secs(1),
                 secret_file_line: Some(24),
             }
         );
@@ -1420,7 +1432,7 @@ witness = "127.0.0.1:7790"
             shown,
             format!(
                 "{FILE} line 22: unknown key \"ping_intervall\" in [net] (expected one of: \
-                 ping_interval, ping_timeout, secret_file, connect_interval)"
+                 ping_interval, ping_timeout, secret_file, connect_interval, peer_flush_interval)"
             )
         );
 

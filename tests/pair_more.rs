@@ -285,6 +285,93 @@ fn stopped_peer_is_dropped_within_ping_timeout_and_resyncs_after_sigcont() {
     p.assert_identical();
 }
 
+/// The secondary acknowledges a write once it is in its page cache. If its operating system
+/// then crashes, the write is gone there while the primary counts the copies as equal; a later
+/// failover would serve the old data, even for writes the client flushed after the crash. The
+/// secondary runs with a volatile write cache, so `kill -9` loses its unflushed writes as a
+/// crash would. The primary must mark what the peer had not flushed out of sync when the link
+/// drops, and the resync must rewrite it.
+#[test]
+fn writes_the_secondary_lost_in_a_crash_before_flushing_are_resynced() {
+    // The periodic peer flush would make beta's copy durable; this test is about the marking.
+    let mut p = Pair::with_sections(
+        64 * M,
+        "ping_timeout = \"1s\"\npeer_flush_interval = \"1h\"\n",
+        "[failover]\nfencing = \"none\"\n",
+        "",
+    );
+    p.up("alpha");
+    p.up("beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    assert_eq!(p.stop("beta"), Some(0), "beta:\n{}", p.log("beta"));
+    p.up_with("beta", &["--volatile-cache"]);
+    p.wait_in_sync(30);
+    // Acknowledged by both nodes, flushed by neither; then beta "crashes".
+    let out = common::nbdsh(&[
+        "-u",
+        &p.uri("alpha"),
+        "-c",
+        "h.pwrite(b'\\x5a' * (3 << 20), 5 << 20)",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    p.kill9("beta");
+    p.wait_for("alpha", "peer dropped", 5, |s| s["peer"].is_null());
+    assert!(
+        p.log("alpha")
+            .contains("had not flushed marked out of sync"),
+        "{}",
+        p.log("alpha")
+    );
+    let s = p.status("alpha");
+    assert!(
+        s["out_of_sync_bytes"].as_u64().unwrap() >= 3 * M,
+        "the unflushed extents are marked: {s}"
+    );
+    // The client flushes now; only alpha is there to hear it.
+    qemu_io_ok(&p.uri("alpha"), &["flush"]);
+    assert!(
+        !disk_has(&p, "beta", 5 * M, 3 * M, 0x5a),
+        "the crash lost beta's copy"
+    );
+    // The resync target flushes before it is told it is UpToDate: a crash right after the
+    // resync loses nothing of it.
+    p.up_with("beta", &["--volatile-cache"]);
+    p.wait_in_sync(30);
+    p.kill9("beta");
+    assert!(disk_has(&p, "beta", 5 * M, 3 * M, 0x5a));
+    p.up("beta");
+    p.wait_in_sync(30);
+    stop_both(&mut p);
+    p.assert_identical();
+}
+
+/// Without client flushes the primary asks the peer to flush every `peer_flush_interval`
+/// (default 1 s), so what a crash of the secondary can lose, and a link loss marks, stays small.
+#[test]
+fn the_primary_has_the_secondary_flush_what_it_acknowledged() {
+    let mut p = Pair::started(64 * M, "");
+    assert_eq!(p.stop("beta"), Some(0), "beta:\n{}", p.log("beta"));
+    p.up_with("beta", &["--volatile-cache"]);
+    p.wait_in_sync(30);
+    let out = common::nbdsh(&[
+        "-u",
+        &p.uri("alpha"),
+        "-c",
+        "h.pwrite(b'\\x6b' * (1 << 20), 9 << 20)",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::thread::sleep(Duration::from_millis(2500));
+    p.kill9("beta");
+    assert!(disk_has(&p, "beta", 9 * M, M, 0x6b), "not flushed on beta");
+    p.wait_for("alpha", "peer dropped", 5, |s| s["peer"].is_null());
+    assert_eq!(p.status("alpha")["out_of_sync_bytes"], 0);
+    p.up("beta");
+    p.wait_in_sync(30);
+    stop_both(&mut p);
+    p.assert_identical();
+}
+
 // ------------------------------------------------------------------ events
 
 /// Collects `tandem events` lines from a child process.

@@ -39,6 +39,6 @@ pub use error::MetaError;
 pub use file::{dump_file, Meta, MetaStats, Recovery, MAX_RUN};
 pub use gen::Generations;
 pub use superblock::{
-    Layout, MetaFlags, Superblock, BYTES_PER_BIT, DEFAULT_AL_EXTENTS, EXTENT_SIZE, MAX_AL_EXTENTS,
-    MAX_DEVICE_SIZE, MIN_AL_EXTENTS,
+    Layout, MetaFlags, Superblock, BYTES_PER_BIT, DEFAULT_AL_EXTENTS, EXTENT_SHIFT, EXTENT_SIZE,
+    MAX_AL_EXTENTS, MAX_DEVICE_SIZE, MIN_AL_EXTENTS,
 };

@@ -278,6 +278,23 @@ impl Node {
             "connection",
             json!({"state": "lost", "peer": self.peer_cfg.name, "reason": why}),
         );
+        // Marked without a new generation: this node wrote nothing the peer did not see, so
+        // if the peer was promoted meanwhile this is no split brain. With equal generations
+        // the primary's leftover bits make it the sync source when the link is back.
+        let unflushed = link.unflushed.take();
+        if !unflushed.is_empty() {
+            let mut meta = self.meta();
+            for &(offset, len) in &unflushed {
+                meta.mark_out_of_sync(offset, len);
+            }
+            match meta.flush_bitmap() {
+                Ok(()) => tracing::warn!(
+                    "{} extent(s) the peer acknowledged but had not flushed marked out of sync",
+                    unflushed.len()
+                ),
+                Err(e) => tracing::error!("recording the peer's unflushed extents failed: {e}"),
+            }
+        }
         let peer_was_primary = link.peer.lock().unwrap().role == Role::Primary;
         if self.role() == Role::Primary || !orderly {
             self.on_link_lost(peer_was_primary);

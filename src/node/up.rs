@@ -14,7 +14,7 @@ use crate::nbd::{self, Listener};
 use crate::repl::replicated::ReplicatedStore;
 use crate::store::{self, BackingOptions, EngineChoice, SharedStore};
 
-pub async fn up(config: &Path, name: &str) -> Result<(), Failure> {
+pub async fn up(config: &Path, name: &str, volatile_cache: bool) -> Result<(), Failure> {
     let cfg = Config::load(config)?;
     let me = cfg.node(name)?.clone();
     let peer = cfg.peer(name)?.clone();
@@ -37,8 +37,14 @@ pub async fn up(config: &Path, name: &str) -> Result<(), Failure> {
             if recovery.crashed_primary { "; this node crashed as primary" } else { "" }
         );
     }
-    let local = store::open_store(backing, EngineChoice::Auto)
+    let mut local = store::open_store(backing, EngineChoice::Auto)
         .map_err(|e| format!("{}: {e}", me.disk.display()))?;
+    if volatile_cache {
+        tracing::warn!(
+            "volatile write cache (testing): a kill loses every write since the last flush"
+        );
+        local = Arc::new(store::VolatileCache::new(local));
+    }
     let node = Node::new(cfg.clone(), me.clone(), peer.clone(), secret, local, meta);
 
     let store: SharedStore = Arc::new(ReplicatedStore::new(node.clone()));

@@ -11,6 +11,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::proto::{encode_control, encode_data_header, Kind, Message, PeerState, HEADER_LEN};
+use super::unflushed::Unflushed;
 
 /// Frames queued towards the peer. Bounded: a slow peer applies back-pressure to the
 /// primary's writers instead of growing memory (invariant 7).
@@ -48,6 +49,8 @@ pub struct Link {
     pub peer_node: String,
     /// The peer's state as last reported.
     pub peer: Mutex<PeerState>,
+    /// What the peer acknowledged but has not flushed yet.
+    pub unflushed: Unflushed,
 }
 
 impl Link {
@@ -67,6 +70,7 @@ impl Link {
             lost: AtomicBool::new(false),
             peer_node,
             peer: Mutex::new(peer),
+            unflushed: Unflushed::default(),
         });
         let l = link.clone();
         tokio::spawn(async move {

@@ -6,3 +6,4 @@ pub mod proto;
 pub mod ranges;
 pub mod replicated;
 pub mod session;
+pub mod unflushed;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::link::Link;
 use super::proto::Message;
-use super::session::{replicate_control, replicate_write, Replicated};
+use super::session::{peer_flush, replicate_control, replicate_write, Replicated};
 use crate::node::failover::Hold;
 use crate::node::runtime::Node;
 use crate::node::Role;
@@ -173,13 +173,11 @@ impl BlockStore for ReplicatedStore {
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let local = self.node.store.flush();
+            // A peer flush that fails leaves the peer's unflushed extents recorded; they are
+            // marked out of sync if the link is lost before a later flush succeeds.
             let remote = async {
-                match self.node.link() {
-                    Some(link) => {
-                        let seq = link.next_seq();
-                        replicate_control(&link, seq, Message::Flush { seq }).await
-                    }
-                    None => Replicated::Acked,
+                if let Some(link) = self.node.link() {
+                    peer_flush(&link).await;
                 }
             };
             let (local, _) = tokio::join!(local, remote);

@@ -199,13 +199,18 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     tracing::info!("sync handshake with {}: {explain}", node.peer_cfg.name);
     let (conn, full) = match &verdict {
         Verdict::NoSync { .. } => {
-            // Equal generations but leftover out-of-sync blocks (e.g. after verify): the
-            // primary's copy wins, or the first name if neither is primary.
+            // Equal generations but leftover out-of-sync blocks (after verify, or extents the
+            // peer had not flushed when the link was lost): the primary's copy wins; with no
+            // primary, the side that has the bits (the one that sent the writes), else the
+            // first name.
             let leftover = mine.out_of_sync_bytes + peer.out_of_sync_bytes > 0;
             if leftover {
                 let source = match (mine.role, peer.role) {
                     (Role::Primary, _) => true,
                     (_, Role::Primary) => false,
+                    _ if (mine.out_of_sync_bytes == 0) != (peer.out_of_sync_bytes == 0) => {
+                        mine.out_of_sync_bytes > 0
+                    }
                     _ => node.me.name < node.peer_cfg.name,
                 };
                 (
@@ -333,6 +338,10 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     }
     let last_rx = Arc::new(AtomicU64::new(now_ms()));
     tokio::spawn(ping_loop(node.clone(), link.clone(), last_rx.clone()));
+    tokio::spawn(peer_flush_loop(
+        link.clone(),
+        node.cfg.net.peer_flush_interval,
+    ));
     if conn == Conn::SyncSource {
         tokio::spawn(resync_source(node.clone(), link.clone()));
     }
@@ -647,6 +656,15 @@ pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
             break;
         }
     }
+    // The target must not call itself UpToDate with the data still in its page cache.
+    match peer_flush(&link).await {
+        Replicated::Acked => {}
+        Replicated::LinkLost => return,
+        Replicated::PeerFailed => {
+            tracing::error!("the resync target failed to flush; the resync is not finished");
+            return;
+        }
+    }
     let gens = {
         let mut meta = node.meta();
         let r = meta.flush_bitmap().and_then(|_| {
@@ -744,6 +762,7 @@ async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(
             _ => return Err(LinkLost),
         }
     }
+    link.unflushed.acked(offset, len);
     node.meta().mark_in_sync(offset, len);
     if let Some(p) = node.state().resync.as_mut() {
         p.done_bytes += len;
@@ -849,7 +868,44 @@ fn replicated(ack: Result<Reply, LinkLost>) -> Replicated {
 
 /// Replicate a write-like control operation and wait for the peer's answer.
 pub async fn replicate_control(link: &Link, seq: u64, msg: Message) -> Replicated {
-    replicated(link.request(seq, &msg).await)
+    let range = match msg {
+        Message::Trim { offset, len, .. } | Message::Zero { offset, len, .. } => {
+            Some((offset, len))
+        }
+        _ => None,
+    };
+    let r = replicated(link.request(seq, &msg).await);
+    if let (Replicated::Acked, Some((offset, len))) = (r, range) {
+        link.unflushed.acked(offset, len);
+    }
+    r
+}
+
+/// Flush the peer's disk; on success everything it acknowledged before is durable there.
+pub async fn peer_flush(link: &Link) -> Replicated {
+    let epoch = link.unflushed.flush_sent();
+    let seq = link.next_seq();
+    let r = replicated(link.request(seq, &Message::Flush { seq }).await);
+    if r == Replicated::Acked {
+        link.unflushed.flushed(epoch);
+    }
+    r
+}
+
+/// Between a peer's acknowledgement and its own flush a crash of its operating system loses
+/// the write; without client flushes, ask for one every `interval` so that window stays short
+/// and a link loss marks little for resync.
+async fn peer_flush_loop(link: Arc<Link>, interval: Duration) {
+    let mut closed = link.closed();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = closed.wait_for(|c| *c) => return,
+        }
+        if !link.unflushed.is_empty() && peer_flush(&link).await == Replicated::LinkLost {
+            return;
+        }
+    }
 }
 
 /// Send an application write to the peer and wait for its acknowledgement.
@@ -861,6 +917,7 @@ pub async fn replicate_write(
     fua: bool,
 ) -> Replicated {
     let rx = link.expect(seq);
+    let len = data.len() as u64;
     if link
         .send_data(Kind::Write, seq, offset, fua, data)
         .await
@@ -868,5 +925,9 @@ pub async fn replicate_write(
     {
         return Replicated::LinkLost;
     }
-    replicated(rx.await.unwrap_or(Err(LinkLost)))
+    let r = replicated(rx.await.unwrap_or(Err(LinkLost)));
+    if r == Replicated::Acked && !fua {
+        link.unflushed.acked(offset, len);
+    }
+    r
 }

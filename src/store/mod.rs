@@ -13,12 +13,14 @@ mod fault;
 mod file;
 mod threads;
 mod uring;
+mod volatile;
 
 pub use buf::AlignedBuf;
 pub use fault::{FaultAction, FaultRule, FaultStore, OpKind};
 pub use file::{open_backing, Backing, BackingOptions};
 pub use threads::ThreadStore;
 pub use uring::UringStore;
+pub use volatile::VolatileCache;
 
 /// A boxed future returned by [`BlockStore`] methods (the trait is used as `dyn`).
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;

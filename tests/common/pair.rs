@@ -105,6 +105,11 @@ impl Pair {
     }
 
     pub fn up(&mut self, node: &'static str) {
+        self.up_with(node, &[]);
+    }
+
+    /// `up` with extra arguments for `tandem up`.
+    pub fn up_with(&mut self, node: &'static str, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -114,6 +119,7 @@ impl Pair {
             .args(["up", "-c"])
             .arg(&self.config)
             .args(["-n", node])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stderr(log)
