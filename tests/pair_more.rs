@@ -285,11 +285,22 @@ fn stopped_peer_is_dropped_within_ping_timeout_and_resyncs_after_sigcont() {
     p.assert_identical();
 }
 
+/// Restart beta with a volatile write cache (a `kill -9` then loses what it has not flushed,
+/// as an operating-system crash would), then write `len` bytes of `byte` at `offset` through
+/// alpha without a flush.
+fn unflushed_write_to_volatile_beta(p: &mut Pair, byte: u8, offset: u64, len: u64) {
+    assert_eq!(p.stop("beta"), Some(0), "beta:\n{}", p.log("beta"));
+    p.up_with("beta", &["--volatile-cache"]);
+    p.wait_in_sync(30);
+    let write = format!("h.pwrite(bytes([{byte}]) * {len}, {offset})");
+    let out = common::nbdsh(&["-u", &p.uri("alpha"), "-c", &write]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// The secondary acknowledges a write once it is in its page cache. If its operating system
 /// then crashes, the write is gone there while the primary counts the copies as equal; a later
 /// failover would serve the old data, even for writes the client flushed after the crash. The
-/// secondary runs with a volatile write cache, so `kill -9` loses its unflushed writes as a
-/// crash would. The primary must mark what the peer had not flushed out of sync when the link
+/// primary must mark what the peer had not flushed out of sync when the link
 /// drops, and the resync must rewrite it.
 #[test]
 fn writes_the_secondary_lost_in_a_crash_before_flushing_are_resynced() {
@@ -304,17 +315,8 @@ fn writes_the_secondary_lost_in_a_crash_before_flushing_are_resynced() {
     p.up("beta");
     p.ok("alpha", &["primary", "--force"]);
     p.wait_in_sync(60);
-    assert_eq!(p.stop("beta"), Some(0), "beta:\n{}", p.log("beta"));
-    p.up_with("beta", &["--volatile-cache"]);
-    p.wait_in_sync(30);
     // Acknowledged by both nodes, flushed by neither; then beta "crashes".
-    let out = common::nbdsh(&[
-        "-u",
-        &p.uri("alpha"),
-        "-c",
-        "h.pwrite(b'\\x5a' * (3 << 20), 5 << 20)",
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    unflushed_write_to_volatile_beta(&mut p, 0x5a, 5 * M, 3 * M);
     p.kill9("beta");
     p.wait_for("alpha", "peer dropped", 5, |s| s["peer"].is_null());
     assert!(
@@ -351,16 +353,7 @@ fn writes_the_secondary_lost_in_a_crash_before_flushing_are_resynced() {
 #[test]
 fn the_primary_has_the_secondary_flush_what_it_acknowledged() {
     let mut p = Pair::started(64 * M, "");
-    assert_eq!(p.stop("beta"), Some(0), "beta:\n{}", p.log("beta"));
-    p.up_with("beta", &["--volatile-cache"]);
-    p.wait_in_sync(30);
-    let out = common::nbdsh(&[
-        "-u",
-        &p.uri("alpha"),
-        "-c",
-        "h.pwrite(b'\\x6b' * (1 << 20), 9 << 20)",
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    unflushed_write_to_volatile_beta(&mut p, 0x6b, 9 * M, M);
     std::thread::sleep(Duration::from_millis(2500));
     p.kill9("beta");
     assert!(disk_has(&p, "beta", 9 * M, M, 0x6b), "not flushed on beta");
