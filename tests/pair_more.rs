@@ -285,6 +285,22 @@ fn stopped_peer_is_dropped_within_ping_timeout_and_resyncs_after_sigcont() {
     p.assert_identical();
 }
 
+/// A started pair whose primary never asks the peer to flush on its own (the periodic flush
+/// would make beta's copy durable before the tests below can crash it).
+fn pair_without_periodic_peer_flush() -> Pair {
+    let mut p = Pair::with_sections(
+        64 * M,
+        "ping_timeout = \"1s\"\npeer_flush_interval = \"1h\"\n",
+        "[failover]\nfencing = \"none\"\n",
+        "",
+    );
+    p.up("alpha");
+    p.up("beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    p
+}
+
 /// Restart beta with a volatile write cache (a `kill -9` then loses what it has not flushed,
 /// as an operating-system crash would), then write `len` bytes of `byte` at `offset` through
 /// alpha without a flush.
@@ -304,17 +320,7 @@ fn unflushed_write_to_volatile_beta(p: &mut Pair, byte: u8, offset: u64, len: u6
 /// drops, and the resync must rewrite it.
 #[test]
 fn writes_the_secondary_lost_in_a_crash_before_flushing_are_resynced() {
-    // The periodic peer flush would make beta's copy durable; this test is about the marking.
-    let mut p = Pair::with_sections(
-        64 * M,
-        "ping_timeout = \"1s\"\npeer_flush_interval = \"1h\"\n",
-        "[failover]\nfencing = \"none\"\n",
-        "",
-    );
-    p.up("alpha");
-    p.up("beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
+    let mut p = pair_without_periodic_peer_flush();
     // Acknowledged by both nodes, flushed by neither; then beta "crashes".
     unflushed_write_to_volatile_beta(&mut p, 0x5a, 5 * M, 3 * M);
     p.kill9("beta");
@@ -346,6 +352,23 @@ fn writes_the_secondary_lost_in_a_crash_before_flushing_are_resynced() {
     p.wait_in_sync(30);
     stop_both(&mut p);
     p.assert_identical();
+}
+
+/// A secondary stopped cleanly stops acknowledging, flushes its disk and only then says
+/// goodbye, so the primary forgets what it kept and marks nothing.
+#[test]
+fn a_secondary_that_says_goodbye_has_flushed_and_nothing_is_marked() {
+    let mut p = pair_without_periodic_peer_flush();
+    unflushed_write_to_volatile_beta(&mut p, 0x7c, 20 * M, M);
+    assert_eq!(p.stop("beta"), Some(0), "beta:\n{}", p.log("beta"));
+    assert!(disk_has(&p, "beta", 20 * M, M, 0x7c));
+    let s = p.wait_for("alpha", "peer gone", 5, |s| s["peer"].is_null());
+    assert_eq!(s["out_of_sync_bytes"], 0, "{s}");
+    assert!(
+        !p.log("alpha").contains("had not flushed"),
+        "{}",
+        p.log("alpha")
+    );
 }
 
 /// Without client flushes the primary asks the peer to flush every `peer_flush_interval`

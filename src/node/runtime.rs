@@ -278,6 +278,7 @@ impl Node {
             "connection",
             json!({"state": "lost", "peer": self.peer_cfg.name, "reason": why}),
         );
+        // What the peer acknowledged and has not flushed (emptied when it said goodbye).
         // Marked without a new generation: this node wrote nothing the peer did not see, so
         // if the peer was promoted meanwhile this is no split brain. With equal generations
         // the primary's leftover bits make it the sync source when the link is back.
@@ -289,7 +290,7 @@ impl Node {
             }
             match meta.flush_bitmap() {
                 Ok(()) => tracing::warn!(
-                    "{} extent(s) the peer acknowledged but had not flushed marked out of sync",
+                    "{} range(s) the peer acknowledged but had not flushed marked out of sync",
                     unflushed.len()
                 ),
                 Err(e) => tracing::error!("recording the peer's unflushed extents failed: {e}"),
@@ -302,15 +303,33 @@ impl Node {
     }
 
     /// Say goodbye to the peer (so it does not wait for its ping timeout) and drop the link.
+    ///
+    /// A goodbye promises that everything this node acknowledged is on stable storage, so the
+    /// peer forgets what it kept against a crash of this node's operating system
+    /// (`repl::unflushed`): acknowledgements stop, the local store is flushed, then the goodbye
+    /// goes out. If the flush fails the link just closes and the peer marks what it kept.
     pub(crate) async fn drop_link(self: &Arc<Self>, reason_for_peer: &str, why: &str) {
         if let Some(link) = self.link() {
-            let _ = link
-                .send(&Message::Goodbye {
-                    reason: reason_for_peer.into(),
-                })
-                .await;
-            // Give the writer a moment to flush the goodbye before the socket closes.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            // What this node sent and the peer has not flushed: ask it to, so it is not
+            // marked for resync (empty during a handshake, when the peer reads no requests).
+            if !link.unflushed.is_empty() {
+                crate::repl::session::peer_flush(&link).await;
+            }
+            link.quiesce();
+            match self.store.flush().await {
+                Ok(()) => {
+                    let _ = link
+                        .send(&Message::Goodbye {
+                            reason: reason_for_peer.into(),
+                        })
+                        .await;
+                    // Give the writer a moment to flush the goodbye before the socket closes.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => tracing::error!(
+                    "flushing the disk before saying goodbye failed: {e}; closing without one"
+                ),
+            }
             self.link_lost(&link, why, true);
         }
     }

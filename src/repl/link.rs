@@ -46,6 +46,8 @@ pub struct Link {
     seq: AtomicU64,
     closed: watch::Sender<bool>,
     lost: AtomicBool,
+    /// Set before a goodbye: nothing but the goodbye is sent any more.
+    quiet: AtomicBool,
     pub peer_node: String,
     /// The peer's state as last reported.
     pub peer: Mutex<PeerState>,
@@ -68,6 +70,7 @@ impl Link {
             seq: AtomicU64::new(1),
             closed,
             lost: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
             peer_node,
             peer: Mutex::new(peer),
             unflushed: Unflushed::default(),
@@ -112,7 +115,16 @@ impl Link {
         }
     }
 
+    /// From now on only a `Goodbye` is sent: no acknowledgement queued after this leaves,
+    /// so a flush that starts now covers everything the peer will see acknowledged.
+    pub fn quiesce(&self) {
+        self.quiet.store(true, Ordering::Release);
+    }
+
     pub async fn send(&self, msg: &Message) -> Result<(), LinkLost> {
+        if self.quiet.load(Ordering::Acquire) && !matches!(msg, Message::Goodbye { .. }) {
+            return Err(LinkLost);
+        }
         self.tx
             .send(Outgoing::Control(encode_control(msg)))
             .await
@@ -127,6 +139,9 @@ impl Link {
         fua: bool,
         data: Bytes,
     ) -> Result<(), LinkLost> {
+        if self.quiet.load(Ordering::Acquire) {
+            return Err(LinkLost);
+        }
         let header = encode_data_header(kind, seq, offset, fua, &data);
         self.tx
             .send(Outgoing::Data { header, data })

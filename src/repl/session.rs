@@ -547,7 +547,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Message::PingAck => {}
                 Message::Goodbye { reason } => {
-                    return Ok((format!("peer said goodbye: {reason}"), true))
+                    // The peer flushed everything it acknowledged before saying goodbye.
+                    link.unflushed.take();
+                    return Ok((format!("peer said goodbye: {reason}"), true));
                 }
                 other => {
                     return Err(std::io::Error::new(
@@ -762,7 +764,7 @@ async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(
             _ => return Err(LinkLost),
         }
     }
-    link.unflushed.acked(offset, len);
+    link.unflushed.resynced(offset, len);
     node.meta().mark_in_sync(offset, len);
     if let Some(p) = node.state().resync.as_mut() {
         p.done_bytes += len;

@@ -1,9 +1,9 @@
 //! What the peer acknowledged but may not have on stable storage yet. The peer acknowledges a
 //! write once it is in its page cache, so a crash of its operating system loses it while this
-//! node counts the copies as equal. Each acknowledged range is kept, per activity-log extent,
-//! until a flush sent after the acknowledgement completes on the peer; if the link is lost
-//! first, the extents are marked out of sync and the resync after reconnecting rewrites them
-//! (DRBD's transfer log and barrier acknowledgements).
+//! node counts the copies as equal. Each acknowledged write is kept, per activity-log extent,
+//! and each resync chunk as its exact range, until a flush sent after the acknowledgement
+//! completes on the peer; if the link is lost first, they are marked out of sync and the resync
+//! after reconnecting rewrites them (DRBD's transfer log and barrier acknowledgements).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -21,6 +21,9 @@ struct Inner {
     epoch: u64,
     /// Extent index -> the epoch of its latest acknowledgement.
     extents: HashMap<u64, u64>,
+    /// Resync chunks as `(epoch, offset, len)`: exact, so an interrupted resync redoes only
+    /// what the target may have lost, not whole extents.
+    resynced: Vec<(u64, u64, u64)>,
 }
 
 impl Unflushed {
@@ -40,6 +43,13 @@ impl Unflushed {
         }
     }
 
+    /// The peer acknowledged the resync chunk `[offset, offset+len)`.
+    pub fn resynced(&self, offset: u64, len: u64) {
+        let mut i = self.inner();
+        let epoch = i.epoch;
+        i.resynced.push((epoch, offset, len));
+    }
+
     /// Call just before a flush is queued for the peer; pass the result to `flushed` once the
     /// peer completed it. Everything acknowledged before this call is covered by that flush.
     pub fn flush_sent(&self) -> u64 {
@@ -50,20 +60,28 @@ impl Unflushed {
 
     /// The peer completed the flush that `flush_sent` returned `epoch` for.
     pub fn flushed(&self, epoch: u64) {
-        self.inner().extents.retain(|_, e| *e > epoch);
+        let mut i = self.inner();
+        i.extents.retain(|_, e| *e > epoch);
+        i.resynced.retain(|r| r.0 > epoch);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner().extents.is_empty()
+        let i = self.inner();
+        i.extents.is_empty() && i.resynced.is_empty()
     }
 
-    /// Everything still unflushed, as `(offset, len)` per extent, sorted; the set is emptied.
+    /// Everything still unflushed as sorted `(offset, len)` ranges; the set is emptied.
     pub fn take(&self) -> Vec<(u64, u64)> {
-        let mut v: Vec<u64> = self.inner().extents.drain().map(|(e, _)| e).collect();
+        let mut guard = self.inner();
+        let i = &mut *guard;
+        let mut v: Vec<(u64, u64)> = i
+            .extents
+            .drain()
+            .map(|(e, _)| (e << EXTENT_SHIFT, EXTENT_SIZE))
+            .chain(i.resynced.drain(..).map(|(_, o, l)| (o, l)))
+            .collect();
         v.sort_unstable();
-        v.into_iter()
-            .map(|e| (e << EXTENT_SHIFT, EXTENT_SIZE))
-            .collect()
+        v
     }
 }
 
@@ -93,6 +111,18 @@ mod tests {
         u.acked(8192, 4096); // same extent, newer epoch
         u.flushed(f);
         assert_eq!(u.take(), vec![(0, E)]);
+    }
+
+    #[test]
+    fn resync_chunks_are_kept_exactly() {
+        let u = Unflushed::default();
+        u.resynced(256 * 1024, 256 * 1024);
+        let f = u.flush_sent();
+        u.resynced(E + 4096, 8192);
+        u.acked(2 * E, 1);
+        assert!(!u.is_empty());
+        u.flushed(f);
+        assert_eq!(u.take(), vec![(E + 4096, 8192), (2 * E, E)]);
     }
 
     #[test]
