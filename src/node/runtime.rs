@@ -293,7 +293,7 @@ impl Node {
                     "{} range(s) the peer acknowledged but had not flushed marked out of sync",
                     unflushed.len()
                 ),
-                Err(e) => tracing::error!("recording the peer's unflushed extents failed: {e}"),
+                Err(e) => tracing::error!("recording the peer's unflushed ranges failed: {e}"),
             }
         }
         let peer_was_primary = link.peer.lock().unwrap().role == Role::Primary;
