@@ -14,26 +14,12 @@ keeps nothing, so no proxy process can do much better than it. Needs fio, nbdkit
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
-import time
 
-from failover import ROOT, TANDEM, Cluster, fio, free_port
+from failover import ROOT, TANDEM, Cluster, fio, free_port, wait_tcp
 from settle_caches import settle_caches
-
-
-def wait_port(port, what):
-    deadline = time.time() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise SystemExit(f"{what} did not come up")
-            time.sleep(0.05)
 
 
 def main():
@@ -51,7 +37,7 @@ def main():
         c = Cluster(work, "pair", 'ping_interval = "200ms"\nping_timeout = "1s"\n', "witness")
         port = free_port()
         c.spawn("attach", [TANDEM, "attach", "-c", c.config, "--listen", f"127.0.0.1:{port}"])
-        wait_port(port, "attach")
+        wait_tcp(f"127.0.0.1:{port}")
         primary = f"127.0.0.1:{c.nbd['alpha']}"
         kit, relay = free_port(), free_port()
         c.spawn("nbdkit", ["nbdkit", "-f", "-p", str(kit), "nbd", "hostname=127.0.0.1",
@@ -59,8 +45,8 @@ def main():
         c.spawn("socat", ["socat", "-b", "262144",
                           f"TCP-LISTEN:{relay},reuseaddr,fork,nodelay",
                           f"TCP:{primary},nodelay"])
-        wait_port(kit, "nbdkit")
-        wait_port(relay, "socat")
+        wait_tcp(f"127.0.0.1:{kit}")
+        wait_tcp(f"127.0.0.1:{relay}")
         # Overwrite allocated blocks, not fresh holes: fill the volume through the primary.
         subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={c.uri('alpha')}",
                         "--rw=write", "--bs=1M", "--iodepth=8", "--size=1G", "--end_fsync=1",

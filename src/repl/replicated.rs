@@ -94,12 +94,19 @@ impl ReplicatedStore {
                 match link {
                     Some(link) => {
                         let seq = link.next_seq();
-                        match remote(seq) {
+                        let (r, durable) = match remote(seq) {
                             Remote::Write(data, fua) => {
-                                replicate_write(&link, seq, offset, data, fua).await
+                                (replicate_write(&link, seq, offset, data, fua).await, fua)
                             }
-                            Remote::Control(msg) => replicate_control(&link, seq, msg).await,
+                            Remote::Control(msg) => {
+                                (replicate_control(&link, seq, msg).await, false)
+                            }
+                        };
+                        // Kept until the peer flushes (a FUA write already is on its disk).
+                        if r == Replicated::Acked && !durable {
+                            link.unflushed.acked(offset, len);
                         }
+                        r
                     }
                     None => Replicated::LinkLost,
                 }

@@ -870,17 +870,7 @@ fn replicated(ack: Result<Reply, LinkLost>) -> Replicated {
 
 /// Replicate a write-like control operation and wait for the peer's answer.
 pub async fn replicate_control(link: &Link, seq: u64, msg: Message) -> Replicated {
-    let range = match msg {
-        Message::Trim { offset, len, .. } | Message::Zero { offset, len, .. } => {
-            Some((offset, len))
-        }
-        _ => None,
-    };
-    let r = replicated(link.request(seq, &msg).await);
-    if let (Replicated::Acked, Some((offset, len))) = (r, range) {
-        link.unflushed.acked(offset, len);
-    }
-    r
+    replicated(link.request(seq, &msg).await)
 }
 
 /// Flush the peer's disk; on success everything it acknowledged before is durable there.
@@ -919,7 +909,6 @@ pub async fn replicate_write(
     fua: bool,
 ) -> Replicated {
     let rx = link.expect(seq);
-    let len = data.len() as u64;
     if link
         .send_data(Kind::Write, seq, offset, fua, data)
         .await
@@ -927,9 +916,5 @@ pub async fn replicate_write(
     {
         return Replicated::LinkLost;
     }
-    let r = replicated(rx.await.unwrap_or(Err(LinkLost)));
-    if r == Replicated::Acked && !fua {
-        link.unflushed.acked(offset, len);
-    }
-    r
+    replicated(rx.await.unwrap_or(Err(LinkLost)))
 }
