@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::failover::{witnessed_pair, Checker};
+use common::failover::{replication_port, witnessed_pair, Checker, LinkCut};
 use common::pair::{qemu_io, qemu_io_ok, Pair, M};
 
 use common::failover::NET;
@@ -86,67 +86,6 @@ fn a_primary_stopped_longer_than_its_lease_acknowledges_nothing_after_the_takeov
     );
     p.wait_in_sync(60);
     p.assert_identical();
-}
-
-/// iptables rules dropping the replication traffic to and from one port, removed on drop.
-struct LinkCut(u16);
-
-impl LinkCut {
-    fn rules(&self, op: &str) -> Vec<Vec<String>> {
-        let port = self.0.to_string();
-        ["--dport", "--sport"]
-            .iter()
-            .map(|dir| {
-                [
-                    "-w", op, "INPUT", "-i", "lo", "-p", "tcp", dir, &port, "-j", "DROP",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-            })
-            .collect()
-    }
-
-    fn apply(&self, op: &str) {
-        for r in self.rules(op) {
-            let out = std::process::Command::new("iptables")
-                .args(&r)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success() || op == "-D",
-                "iptables {r:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-
-    fn cut(port: u16) -> LinkCut {
-        let c = LinkCut(port);
-        c.apply("-I");
-        c
-    }
-}
-
-impl Drop for LinkCut {
-    fn drop(&mut self) {
-        self.apply("-D");
-    }
-}
-
-fn replication_port(p: &Pair, node: &str) -> u16 {
-    let cfg = std::fs::read_to_string(&p.config).unwrap();
-    let start = cfg.find(&format!("name = \"{node}\"")).unwrap();
-    let line = cfg[start..]
-        .lines()
-        .find(|l| l.starts_with("replication"))
-        .unwrap();
-    line.rsplit(':')
-        .next()
-        .unwrap()
-        .trim_end_matches('"')
-        .parse()
-        .unwrap()
 }
 
 #[test]

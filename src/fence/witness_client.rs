@@ -116,7 +116,17 @@ impl WitnessClient {
     /// needed; the whole call is bounded by the timeout. On any error the connection is
     /// dropped so the next call reconnects.
     pub async fn call(&mut self, req: Request) -> Result<Reply, WitnessError> {
-        let result = match tokio::time::timeout(self.timeout, self.call_inner(&req)).await {
+        self.call_within(req, self.timeout).await
+    }
+
+    /// `call`, giving up after `limit` (at most the client's own timeout).
+    pub async fn call_within(
+        &mut self,
+        req: Request,
+        limit: std::time::Duration,
+    ) -> Result<Reply, WitnessError> {
+        let limit = limit.min(self.timeout);
+        let result = match tokio::time::timeout(limit, self.call_inner(&req)).await {
             Ok(r) => r,
             Err(_) => Err(WitnessError::Timeout),
         };

@@ -781,6 +781,96 @@ fn least_changes(me: &Side, peer: &Side, how: String) -> (Direction, String) {
     }
 }
 
+/// Equal generations, but out-of-sync bits on one side or both (blocks a verify found
+/// different, or ranges the peer had not flushed when the link dropped): which copy wins.
+/// `Err` when neither may: the link must not come up this way.
+///
+/// In order: two primaries never resync each other; an UpToDate copy wins over one that is
+/// not (an Outdated node may hold writes nobody acknowledged, so it never overwrites an
+/// UpToDate one, whoever holds the bits); the primary's copy wins (it serves it); else the
+/// side with the bits (the one that sent the writes), else the first name.
+pub fn leftover_direction(me: &Side, peer: &Side) -> Result<Direction, String> {
+    use Direction::{Source, Target};
+    if me.role == Role::Primary && peer.role == Role::Primary {
+        return Err("both sides are primary".into());
+    }
+    let up = |s: &Side| s.disk == DiskState::UpToDate;
+    let d = if up(me) != up(peer) {
+        if up(me) {
+            Source
+        } else {
+            Target
+        }
+    } else if me.role != peer.role {
+        if me.role == Role::Primary {
+            Source
+        } else {
+            Target
+        }
+    } else if (me.out_of_sync_bytes == 0) != (peer.out_of_sync_bytes == 0) {
+        if me.out_of_sync_bytes > 0 {
+            Source
+        } else {
+            Target
+        }
+    } else {
+        tie_break(me, peer)
+    };
+    let source = if d == Source { me } else { peer };
+    if source.disk == DiskState::Inconsistent {
+        return Err(format!(
+            "{} would be sync source, but it is Inconsistent",
+            source.node
+        ));
+    }
+    Ok(d)
+}
+
+/// What a connected node does with the peer's reported role and epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerClaim {
+    /// Nothing to do beyond recording it.
+    Fine,
+    /// This primary was superseded: the peer holds a newer epoch. Step down.
+    Superseded(String),
+    /// Both claim the primary role on one link: end the link, the handshake decides.
+    TwoPrimaries(String),
+}
+
+pub fn peer_claim(me: Role, my_epoch: u64, peer: Role, peer_epoch: u64) -> PeerClaim {
+    if me != Role::Primary {
+        return PeerClaim::Fine;
+    }
+    if peer_epoch > my_epoch {
+        return PeerClaim::Superseded(format!(
+            "superseded: the peer holds newer epoch {peer_epoch} (mine is {my_epoch})"
+        ));
+    }
+    if peer == Role::Primary {
+        return PeerClaim::TwoPrimaries(format!(
+            "both nodes claim the primary role on one link (epochs {my_epoch} and {peer_epoch})"
+        ));
+    }
+    PeerClaim::Fine
+}
+
+/// Connected with no primary and no UpToDate copy: nobody may be promoted without an
+/// operator. Returns what to tell them.
+pub fn nobody_promotable(me: &Side, peer: &Side) -> Option<String> {
+    let promotable = |s: &Side| s.role == Role::Primary || s.disk == DiskState::UpToDate;
+    if promotable(me) || promotable(peer) {
+        return None;
+    }
+    Some(format!(
+        "no node can take over: {} is {} and {} is {}; promote the one with the newest data \
+         with tandem primary --force",
+        me.node,
+        me.disk.as_str(),
+        peer.node,
+        peer.disk.as_str()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::Strategy as St;
@@ -1777,5 +1867,83 @@ mod tests {
             let v = handshake(&a, &b, &default_policy());
             prop_assert!(matches!(v, Verdict::SplitBrain { rule: Rule::BitmapBoth, .. }), "{}", v);
         }
+    }
+
+    #[test]
+    fn leftover_bits_never_let_an_outdated_copy_overwrite_an_up_to_date_one() {
+        let gens = g(A, 0, H, 0);
+        // The superseded primary (Outdated, with the ranges its peer had not flushed) meets
+        // the node that took over (UpToDate, no bits): the UpToDate copy is the source.
+        let old = alpha(gens).disk(DiskState::Outdated).changes(12 << 20);
+        let new = beta(gens);
+        assert_eq!(leftover_direction(&old, &new), Ok(Direction::Target));
+        assert_eq!(leftover_direction(&new, &old), Ok(Direction::Source));
+        // Both UpToDate: the side with the bits sends them.
+        let sender = alpha(gens).changes(4096);
+        assert_eq!(leftover_direction(&sender, &new), Ok(Direction::Source));
+        assert_eq!(leftover_direction(&new, &sender), Ok(Direction::Target));
+    }
+
+    #[test]
+    fn leftover_bits_follow_the_primary_and_refuse_two() {
+        let gens = g(A, 0, H, 0);
+        let p = alpha(gens).primary();
+        let s = beta(gens).changes(4096);
+        assert_eq!(leftover_direction(&p, &s), Ok(Direction::Source));
+        assert_eq!(leftover_direction(&s, &p), Ok(Direction::Target));
+        let p2 = beta(gens).primary().changes(4096);
+        assert!(leftover_direction(&p, &p2).is_err());
+        assert!(leftover_direction(&p2, &p).is_err());
+    }
+
+    #[test]
+    fn leftover_bits_never_make_an_inconsistent_source() {
+        let gens = g(A, 0, H, 0);
+        let a = alpha(gens).disk(DiskState::Inconsistent).changes(4096);
+        let b = beta(gens).disk(DiskState::Inconsistent);
+        assert!(leftover_direction(&a, &b).is_err());
+    }
+
+    #[test]
+    fn no_promotable_node_is_reported() {
+        let gens = g(A, 0, H, 0);
+        let a = alpha(gens).disk(DiskState::Outdated);
+        let b = beta(gens).disk(DiskState::Outdated);
+        let why = nobody_promotable(&a, &b).unwrap();
+        assert!(
+            why.contains("alpha is Outdated") && why.contains("--force"),
+            "{why}"
+        );
+        assert_eq!(nobody_promotable(&a, &beta(gens)), None);
+        assert_eq!(nobody_promotable(&a, &b.clone().primary()), None);
+    }
+
+    proptest! {
+        #[test]
+        fn leftover_direction_is_mirrored(
+            (a, b) in arb_pair(arb_gens()),
+        ) {
+            let (x, y) = (leftover_direction(&a, &b), leftover_direction(&b, &a));
+            if x == Ok(Direction::Source) && b.disk == DiskState::UpToDate {
+                prop_assert_eq!(a.disk, DiskState::UpToDate);
+            }
+            match (x, y) {
+                (Ok(d), Ok(e)) => prop_assert_eq!(d, e.mirror()),
+                (Err(_), Err(_)) => {}
+                (x, y) => prop_assert!(false, "{:?} vs {:?}", x, y),
+            }
+        }
+    }
+
+    #[test]
+    fn a_primary_steps_down_for_a_newer_epoch_and_never_shares_a_link_with_another() {
+        use Role::{Primary as P, Secondary as S};
+        assert!(matches!(peer_claim(P, 1, P, 2), PeerClaim::Superseded(_)));
+        assert!(matches!(peer_claim(P, 1, S, 2), PeerClaim::Superseded(_)));
+        assert!(matches!(peer_claim(P, 2, P, 2), PeerClaim::TwoPrimaries(_)));
+        assert!(matches!(peer_claim(P, 2, P, 1), PeerClaim::TwoPrimaries(_)));
+        assert_eq!(peer_claim(P, 2, S, 2), PeerClaim::Fine);
+        assert_eq!(peer_claim(S, 1, P, 2), PeerClaim::Fine);
+        assert_eq!(peer_claim(S, 3, P, 2), PeerClaim::Fine);
     }
 }

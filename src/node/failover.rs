@@ -113,6 +113,15 @@ impl Node {
         &self,
         req: WRequest,
     ) -> Result<WReply, crate::fence::witness_client::WitnessError> {
+        self.witness_within(req, Duration::MAX).await
+    }
+
+    /// `witness`, giving up after `limit`.
+    async fn witness_within(
+        &self,
+        req: WRequest,
+        limit: Duration,
+    ) -> Result<WReply, crate::fence::witness_client::WitnessError> {
         let mut guard = self.witness.lock().await;
         if guard.is_none() {
             *guard = self.witness_client();
@@ -120,7 +129,7 @@ impl Node {
         let client = guard
             .as_mut()
             .expect("witness fencing has a witness address");
-        client.call(req).await
+        client.call_within(req, limit).await
     }
 
     pub fn fence(&self) -> Fence {
@@ -173,17 +182,25 @@ impl Node {
     }
 
     /// A write the peer did not acknowledge waits here until it may be acknowledged without
-    /// the peer, must go to a new link, or must fail.
-    pub async fn hold_for_fencing(&self) -> Hold {
+    /// the peer, must go to a new link, or must fail. `failed` is the link it was lost on: a
+    /// link that is closing (quiesced for a goodbye) is still installed, and retrying on it
+    /// would fail at once, forever.
+    pub async fn hold_for_fencing(&self, failed: Option<&Arc<Link>>) -> Hold {
         let mut fence = self.fence.subscribe();
+        let mut changes = self.watch_changes();
         loop {
+            // Marked seen before the checks, so a change after them wakes the wait below.
+            fence.borrow_and_update();
+            changes.borrow_and_update();
             if self.role() != Role::Primary {
                 return Hold::Fail("no longer primary".into());
             }
             if let Some(link) = self.link() {
-                return Hold::Retry(link);
+                if !link.is_quiet() && !failed.is_some_and(|f| Arc::ptr_eq(f, &link)) {
+                    return Hold::Retry(link);
+                }
             }
-            match &*fence.borrow_and_update() {
+            match &*fence.borrow() {
                 Fence::Lost(why) => return Hold::Fail(why.clone()),
                 Fence::PeerOutdated(_)
                     if self.cfg.failover.fencing != Fencing::Witness || self.lease_valid() =>
@@ -192,8 +209,12 @@ impl Node {
                 }
                 _ => {}
             }
-            // Wake on a fence decision, or poll for a new link / renewed lease.
-            let _ = tokio::time::timeout(Duration::from_millis(10), fence.changed()).await;
+            // Woken by a fence decision, a new link, a role change or a renewed lease (each
+            // publishes a change).
+            tokio::select! {
+                _ = fence.changed() => {}
+                _ = changes.changed() => {}
+            }
         }
     }
 
@@ -258,6 +279,15 @@ impl Node {
                         Ok(WReply::PeerOutdated { .. }) => {
                             self.renewed(sent);
                             self.record_peer_outdated();
+                            if self.link().is_some() {
+                                // The peer came back during the round trip: writes go to it
+                                // again, and the mark the witness just set is lifted as soon
+                                // as it is in sync (the handshake's lift may have run first).
+                                if self.peer_connected_in_sync() {
+                                    self.peer_in_sync().await;
+                                }
+                                return;
+                            }
                             self.set_fence(Fence::PeerOutdated(format!(
                                 "witness outdated {} for epoch {epoch}",
                                 self.peer_cfg.name
@@ -344,50 +374,65 @@ impl Node {
     /// until promoted, refused for good, or the link is back.
     async fn auto_promote(self: Arc<Self>) {
         loop {
-            if self.link().is_some() || self.role() == Role::Primary {
+            if self.role() == Role::Primary {
                 self.set_note(None);
                 return;
             }
+            // No link may come up from here until the role is decided (see begin_promotion).
+            let Some(gate) = self.begin_promotion() else {
+                self.set_note(None);
+                return;
+            };
             let disk = self.state().disk;
             if disk != DiskState::UpToDate {
                 self.set_note(Some(format!("not promoting: disk is {}", disk.as_str())));
                 return;
             }
             match self.cfg.failover.fencing {
-                Fencing::Witness => match self.acquire(false, false).await {
-                    Ok(epoch) => {
-                        let why = format!(
-                            "{} was lost; the witness granted epoch {epoch}",
-                            self.peer_cfg.name
-                        );
-                        self.become_primary(Some(epoch), &why, false).await;
-                        self.set_note(None);
-                        return;
-                    }
-                    Err(Acquire::Outdated(why)) => {
-                        self.outdate_myself(&why);
-                        self.set_note(Some(format!("not promoting: {why}")));
-                        return;
-                    }
-                    Err(Acquire::Wait(why, until)) => {
-                        self.set_note(Some(format!("waiting to promote: {why}")));
-                        if let Some(d) = until {
-                            // Ask again the moment the old lease may be taken over.
-                            tokio::time::sleep(d + Duration::from_millis(2)).await;
-                            continue;
+                Fencing::Witness => {
+                    match self.acquire(self.peer_connected_in_sync(), false).await {
+                        Ok(epoch) => {
+                            let why = format!(
+                                "{} was lost; the witness granted epoch {epoch}",
+                                self.peer_cfg.name
+                            );
+                            self.become_primary(Some(epoch), &why, false).await;
+                            drop(gate);
+                            self.set_note(None);
+                            return;
                         }
-                    }
-                    Err(Acquire::Unreachable(why)) => self.set_note(Some(format!(
+                        Err(Acquire::Outdated(why)) => {
+                            self.outdate_myself(&why);
+                            self.set_note(Some(format!("not promoting: {why}")));
+                            return;
+                        }
+                        Err(Acquire::Wait(why, until)) => {
+                            self.set_note(Some(format!("waiting to promote: {why}")));
+                            if let Some(d) = until {
+                                drop(gate);
+                                // Ask again the moment the old lease may be taken over.
+                                tokio::time::sleep(d + Duration::from_millis(2)).await;
+                                continue;
+                            }
+                        }
+                        Err(Acquire::Unreachable(why)) => self.set_note(Some(format!(
                         "not promoting: witness unreachable ({why}); nobody promotes without it"
                     ))),
-                },
+                    }
+                }
+                // The old primary is back as a secondary: nothing to fence.
+                Fencing::Handler if self.link().is_some() => {
+                    let why = format!("{} stepped down", self.peer_cfg.name);
+                    self.become_primary(None, &why, false).await;
+                    drop(gate);
+                    self.set_note(None);
+                    return;
+                }
                 Fencing::Handler => match handler::decide(&self.run_handler().await, true) {
                     HandlerDecision::PeerFenced(why) => {
-                        if self.link().is_some() {
-                            continue;
-                        }
                         self.record_peer_outdated();
                         self.become_primary(None, &why, false).await;
+                        drop(gate);
                         self.set_note(None);
                         return;
                     }
@@ -402,8 +447,17 @@ impl Node {
                 },
                 Fencing::None => return,
             }
+            // The peer may come back meanwhile.
+            drop(gate);
             tokio::time::sleep(self.fence_retry()).await;
         }
+    }
+
+    /// The peer is connected, UpToDate and not resyncing: it keeps every write of a new epoch.
+    fn peer_connected_in_sync(&self) -> bool {
+        self.link()
+            .is_some_and(|l| l.peer.lock().unwrap().disk == DiskState::UpToDate)
+            && self.state().conn == super::runtime::Conn::Connected
     }
 
     /// Mark this node's data Outdated (persisted): it will not promote automatically.
@@ -463,8 +517,13 @@ impl Node {
     /// The witness (re)granted the lease for a request sent at `sent`.
     fn renewed(&self, sent: Instant) {
         let lease = self.cfg.failover.lease;
+        let lapsed = !self.lease_valid();
         *self.lease_until.lock().unwrap() = Some(sent + lease - lease_margin(lease));
         *self.lease_problem.lock().unwrap() = None;
+        if lapsed {
+            // Writes held for a valid lease look again.
+            self.bump();
+        }
     }
 
     /// Take the primary role for `epoch` (persisted first). The new data generation is made
@@ -513,16 +572,35 @@ impl Node {
     }
 
     /// Renew the lease at a third of its length while primary for `epoch`. Without a lease
-    /// and without the peer, this node gives up the role.
+    /// and without the peer, this node gives up the role the moment the lease runs out, not
+    /// at its next renewal: a takeover may follow right after.
     async fn keep_lease(self: Arc<Self>, epoch: u64) {
         let lease = self.cfg.failover.lease;
         loop {
-            tokio::time::sleep(lease / 3).await;
+            let next = Instant::now() + lease / 3;
+            let until = self.lease_until.lock().unwrap().unwrap_or(next);
+            tokio::time::sleep_until(next.min(until).into()).await;
             if self.role() != Role::Primary || self.meta().superblock().epoch != epoch {
                 return;
             }
+            if self.lease_ran_out() {
+                return;
+            }
+            // Without the peer, a renewal that cannot finish before the lease runs out is
+            // given up then (and tried again at once if the lease is still useful).
+            let limit = match self.link() {
+                Some(_) => Duration::MAX,
+                None => self
+                    .lease_until
+                    .lock()
+                    .unwrap()
+                    .map_or(Duration::ZERO, |t| {
+                        t.saturating_duration_since(Instant::now())
+                    })
+                    .max(Duration::from_millis(50)),
+            };
             let sent = Instant::now();
-            match self.witness(WRequest::Renew { epoch }).await {
+            match self.witness_within(WRequest::Renew { epoch }, limit).await {
                 Ok(WReply::Renewed { .. }) => self.renewed(sent),
                 Ok(WReply::Refused(Refusal::Superseded { epoch: e, holder })) => {
                     self.lose_primary(superseded(e, holder.as_deref()));
@@ -540,11 +618,19 @@ impl Node {
                     *p = Some(format!("cannot renew: {e}"));
                 }
             }
-            if !self.lease_valid() && self.link().is_none() {
-                self.lose_primary("the lease expired and the peer is not connected".into());
+            if self.lease_ran_out() {
                 return;
             }
         }
+    }
+
+    /// A primary without a valid lease and without the peer stops (true).
+    fn lease_ran_out(&self) -> bool {
+        if !self.lease_valid() && self.link().is_none() {
+            self.lose_primary("the lease expired and the peer is not connected".into());
+            return true;
+        }
+        false
     }
 
     /// Stop being primary because this node may no longer acknowledge writes: held writes
@@ -571,6 +657,13 @@ impl Node {
         self.event("role", json!({"role": "secondary", "reason": why}));
         if let Some(kick) = self.kick_clients.get() {
             kick();
+        }
+        // Someone else holds a newer epoch: the link this node still has was made under the
+        // old one. Drop it as a crash would, so the peer takes over if it may, and the next
+        // handshake sorts out the copies under the new epoch.
+        if let Some(link) = self.link() {
+            tracing::warn!("dropping the link to {}: {why}", self.peer_cfg.name);
+            link.close();
         }
     }
 
@@ -639,12 +732,8 @@ impl Node {
         force: bool,
     ) -> Result<(Option<u64>, String), Refused> {
         let link = self.link();
-        let connected_in_sync = link
-            .as_ref()
-            .is_some_and(|l| l.peer.lock().unwrap().disk == DiskState::UpToDate)
-            && self.state().conn == super::runtime::Conn::Connected;
         match self.cfg.failover.fencing {
-            Fencing::Witness => match self.acquire(connected_in_sync, force).await {
+            Fencing::Witness => match self.acquire(self.peer_connected_in_sync(), force).await {
                 Ok(epoch) => Ok((
                     Some(epoch),
                     format!("operator request; the witness granted epoch {epoch}"),

@@ -123,6 +123,28 @@ impl Refused {
     }
 }
 
+/// The current peer link, and whether new links are held off by a promotion.
+#[derive(Default)]
+struct LinkSlot {
+    link: Option<Arc<Link>>,
+    promoting: bool,
+}
+
+impl LinkSlot {
+    fn live(&self) -> Option<Arc<Link>> {
+        self.link.clone().filter(|l| !l.is_lost())
+    }
+}
+
+/// Links are held off while this lives (see `Node::begin_promotion`).
+pub struct PromotionGate<'a>(&'a Node);
+
+impl Drop for PromotionGate<'_> {
+    fn drop(&mut self) {
+        self.0.link.lock().unwrap().promoting = false;
+    }
+}
+
 pub struct Node {
     pub cfg: Config,
     pub me: NodeConfig,
@@ -133,7 +155,7 @@ pub struct Node {
     pub size: u64,
     pub meta: Mutex<Meta>,
     st: Mutex<State>,
-    link: Mutex<Option<Arc<Link>>>,
+    link: Mutex<LinkSlot>,
     pub locks: RangeLocks,
     events: broadcast::Sender<String>,
     changed: watch::Sender<u64>,
@@ -197,7 +219,7 @@ impl Node {
                 verify: None,
                 last_verify: None,
             }),
-            link: Mutex::new(None),
+            link: Mutex::new(LinkSlot::default()),
             locks: RangeLocks::default(),
             events,
             changed,
@@ -235,17 +257,37 @@ impl Node {
     }
 
     pub fn link(&self) -> Option<Arc<Link>> {
-        self.link.lock().unwrap().clone().filter(|l| !l.is_lost())
+        self.link.lock().unwrap().live()
     }
 
-    /// Install a new link; fails if one is already up.
-    pub fn set_link(&self, link: Arc<Link>) -> bool {
-        let mut cur = self.link.lock().unwrap();
-        if cur.as_ref().is_some_and(|l| !l.is_lost()) {
-            return false;
+    /// Install a new link; fails if one is already up or a promotion is under way.
+    pub fn set_link(&self, link: Arc<Link>) -> Result<(), &'static str> {
+        let mut slot = self.link.lock().unwrap();
+        if slot.live().is_some() {
+            return Err("another link came up first");
         }
-        *cur = Some(link);
-        true
+        if slot.promoting {
+            return Err("a promotion is under way");
+        }
+        slot.link = Some(link);
+        Ok(())
+    }
+
+    /// Close the gate for links while this node takes over from a lost primary: no link may
+    /// come up between the decision to promote and the new role (a link that came up during
+    /// the witness's round trip would carry the old primary's writes to a node that is about
+    /// to accept its own). `None` if a link to a primary peer is up: it is back, nothing to
+    /// take over. A link to a secondary peer (the old primary stepped down) stays.
+    pub fn begin_promotion(&self) -> Option<PromotionGate<'_>> {
+        let mut slot = self.link.lock().unwrap();
+        if slot
+            .live()
+            .is_some_and(|l| l.peer.lock().unwrap().role == Role::Primary)
+        {
+            return None;
+        }
+        slot.promoting = true;
+        Some(PromotionGate(self))
     }
 
     /// The link went away: forget it, and keep trying if the operator wants the link up.
@@ -253,9 +295,9 @@ impl Node {
     pub fn link_lost(self: &Arc<Self>, link: &Arc<Link>, why: &str, orderly: bool) {
         link.close();
         {
-            let mut cur = self.link.lock().unwrap();
-            if cur.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
-                *cur = None;
+            let mut slot = self.link.lock().unwrap();
+            if slot.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+                slot.link = None;
             } else {
                 return;
             }
@@ -317,15 +359,7 @@ impl Node {
             }
             link.quiesce();
             match self.store.flush().await {
-                Ok(()) => {
-                    let _ = link
-                        .send(&Message::Goodbye {
-                            reason: reason_for_peer.into(),
-                        })
-                        .await;
-                    // Give the writer a moment to flush the goodbye before the socket closes.
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
+                Ok(()) => link.say_goodbye(reason_for_peer).await,
                 Err(e) => tracing::error!(
                     "flushing the disk before saying goodbye failed: {e}; closing without one"
                 ),
@@ -391,10 +425,33 @@ impl Node {
         let st = self.state();
         let meta = self.meta();
         let sb = meta.superblock();
-        let peer = self.link().map(|l| {
+        let peer_state = self.link().map(|l| {
             let p = l.peer.lock().unwrap();
-            json!({"node": l.peer_node, "role": role_str(p.role), "disk": p.disk.as_str()})
+            (l.peer_node.clone(), p.role, p.disk)
         });
+        let peer = peer_state.as_ref().map(|(node, role, disk)| {
+            json!({"node": node, "role": role_str(*role), "disk": disk.as_str()})
+        });
+        let mut failover = failover;
+        if let Value::Object(f) = &mut failover {
+            // Connected, and neither side is primary or UpToDate: only an operator can help.
+            let stuck = peer_state.as_ref().and_then(|(node, role, disk)| {
+                let side = |name: &str, role, disk| crate::node::decide::Side {
+                    gens: sb.gens,
+                    role,
+                    disk,
+                    crashed_primary: false,
+                    out_of_sync_bytes: 0,
+                    discard_my_data: false,
+                    node: name.to_owned(),
+                };
+                crate::node::decide::nobody_promotable(
+                    &side(&self.me.name, st.role, st.disk),
+                    &side(node, *role, *disk),
+                )
+            });
+            f.insert("no_promotable".into(), json!(stuck));
+        }
         json!({
             "resource": self.cfg.resource.name,
             "node": self.me.name,

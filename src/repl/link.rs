@@ -23,6 +23,8 @@ pub enum Outgoing {
         header: [u8; HEADER_LEN],
         data: Bytes,
     },
+    /// Fired once everything queued before it is written to the socket.
+    Written(oneshot::Sender<()>),
 }
 
 /// The peer's answer to a request.
@@ -115,6 +117,31 @@ impl Link {
         }
     }
 
+    /// A request that was registered but never sent: forget it, so failed sends do not pile
+    /// up in the table.
+    pub fn forget(&self, seq: u64) {
+        self.pending.lock().unwrap().remove(&seq);
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Acquire)
+    }
+
+    /// Queue the goodbye and wait until the writer has handed it to the socket (bounded: a
+    /// peer that stopped reading must not hold up a shutdown).
+    pub async fn say_goodbye(&self, reason: &str) {
+        let msg = Message::Goodbye {
+            reason: reason.into(),
+        };
+        if self.send(&msg).await.is_err() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Outgoing::Written(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx).await;
+        }
+    }
+
     /// From now on only a `Goodbye` is sent: no acknowledgement queued after this leaves,
     /// so a flush that starts now covers everything the peer will see acknowledged.
     pub fn quiesce(&self) {
@@ -152,7 +179,10 @@ impl Link {
     /// Send a request and wait for its answer (or for the link to die).
     pub async fn request(&self, seq: u64, msg: &Message) -> Ack {
         let rx = self.expect(seq);
-        self.send(msg).await?;
+        if let Err(e) = self.send(msg).await {
+            self.forget(seq);
+            return Err(e);
+        }
         rx.await.unwrap_or(Err(LinkLost))
     }
 
@@ -181,8 +211,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // peer sees one send per batch instead of one per request.
         tokio::task::yield_now().await;
         let mut next = Some(first);
+        let mut written = Vec::new();
         while let Some(out) = next {
             match out {
+                Outgoing::Written(tx) => written.push(tx),
                 Outgoing::Control(b) => batch.extend_from_slice(&b),
                 Outgoing::Data { header, data } => {
                     batch.extend_from_slice(&header);
@@ -204,6 +236,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if !batch.is_empty() {
             w.write_all(&batch).await?;
             batch.clear();
+        }
+        if !written.is_empty() {
+            w.flush().await?;
+            for tx in written {
+                let _ = tx.send(());
+            }
         }
     }
 }

@@ -88,28 +88,25 @@ impl ReplicatedStore {
         self.check_primary()?;
         let _guard = self.node.locks.lock(offset, len).await;
         self.activate(offset, len).await?;
+        // Returns the peer's answer and the link it went to (the one a retry must not reuse).
         let send = |link: Option<Arc<Link>>| {
             let remote = &remote;
             async move {
-                match link {
-                    Some(link) => {
-                        let seq = link.next_seq();
-                        let (r, durable) = match remote(seq) {
-                            Remote::Write(data, fua) => {
-                                (replicate_write(&link, seq, offset, data, fua).await, fua)
-                            }
-                            Remote::Control(msg) => {
-                                (replicate_control(&link, seq, msg).await, false)
-                            }
-                        };
-                        // Kept until the peer flushes (a FUA write already is on its disk).
-                        if r == Replicated::Acked && !durable {
-                            link.unflushed.acked(offset, len);
-                        }
-                        r
+                let Some(link) = link else {
+                    return (Replicated::LinkLost, None);
+                };
+                let seq = link.next_seq();
+                let (r, durable) = match remote(seq) {
+                    Remote::Write(data, fua) => {
+                        (replicate_write(&link, seq, offset, data, fua).await, fua)
                     }
-                    None => Replicated::LinkLost,
+                    Remote::Control(msg) => (replicate_control(&link, seq, msg).await, false),
+                };
+                // Kept until the peer flushes (a FUA write already is on its disk).
+                if r == Replicated::Acked && !durable {
+                    link.unflushed.acked(offset, len);
                 }
+                (r, Some(link))
             }
         };
         // The frame is queued for the peer first; the local write waits one scheduler round, so
@@ -119,13 +116,13 @@ impl ReplicatedStore {
             tokio::task::yield_now().await;
             local.await
         };
-        let (mut peer, local) = tokio::join!(send(self.node.link()), local);
+        let ((mut peer, mut via), local) = tokio::join!(send(self.node.link()), local);
         let held = loop {
             if peer != Replicated::LinkLost {
                 break Ok(());
             }
-            match self.node.hold_for_fencing().await {
-                Hold::Retry(link) => peer = send(Some(link)).await,
+            match self.node.hold_for_fencing(via.as_ref()).await {
+                Hold::Retry(link) => (peer, via) = send(Some(link)).await,
                 Hold::Degraded => break Ok(()),
                 Hold::Fail(why) => break Err(why),
             }

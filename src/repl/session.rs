@@ -15,7 +15,7 @@ use super::link::{Link, LinkLost, Reply};
 use super::proto::{
     self, read_frame, write_control, Frame, HandshakeError, Identity, Kind, Message, PeerState,
 };
-use crate::node::decide::{handshake as decide, Direction, Side, Verdict};
+use crate::node::decide::{handshake as decide, peer_claim, Direction, PeerClaim, Side, Verdict};
 use crate::node::runtime::{Conn, Node, Progress};
 use crate::node::{DiskState, Role};
 
@@ -200,27 +200,20 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     let (conn, full) = match &verdict {
         Verdict::NoSync { .. } => {
             // Equal generations but leftover out-of-sync blocks (after verify, or extents the
-            // peer had not flushed when the link was lost): the primary's copy wins; with no
-            // primary, the side that has the bits (the one that sent the writes), else the
-            // first name.
+            // peer had not flushed when the link was lost).
             let leftover = mine.out_of_sync_bytes + peer.out_of_sync_bytes > 0;
             if leftover {
-                let source = match (mine.role, peer.role) {
-                    (Role::Primary, _) => true,
-                    (_, Role::Primary) => false,
-                    _ if (mine.out_of_sync_bytes == 0) != (peer.out_of_sync_bytes == 0) => {
-                        mine.out_of_sync_bytes > 0
+                let me_side = side(&node.me.name, &mine);
+                let peer_side = side(&node.peer_cfg.name, &peer);
+                match crate::node::decide::leftover_direction(&me_side, &peer_side) {
+                    Ok(Direction::Source) => (Conn::SyncSource, false),
+                    Ok(Direction::Target) => (Conn::SyncTarget, false),
+                    Err(why) => {
+                        return Err(HandshakeError::Protocol(format!(
+                            "leftover out-of-sync blocks, but {why}; retrying"
+                        )))
                     }
-                    _ => node.me.name < node.peer_cfg.name,
-                };
-                (
-                    if source {
-                        Conn::SyncSource
-                    } else {
-                        Conn::SyncTarget
-                    },
-                    false,
-                )
+                }
             } else {
                 if node.state().disk == DiskState::Outdated && peer.disk == DiskState::UpToDate {
                     // Same data as an UpToDate peer: not outdated after all.
@@ -292,11 +285,9 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
 
     let peer_up_to_date = peer.disk == DiskState::UpToDate;
     let link = Link::start(w, node.peer_cfg.name.clone(), peer);
-    if !node.set_link(link.clone()) {
+    if let Err(why) = node.set_link(link.clone()) {
         link.close();
-        return Err(HandshakeError::Protocol(
-            "another link came up first".into(),
-        ));
+        return Err(HandshakeError::Protocol(why.into()));
     }
     // A promotion (new generation, role) while the states were in flight made the decision
     // stale: start over with what is true now.
@@ -327,6 +318,13 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
         }
     }
     tracing::info!("connected to {} as {}", node.peer_cfg.name, conn.as_str());
+    if let Some(why) = crate::node::decide::nobody_promotable(
+        &side(&node.me.name, &node.my_peer_state()),
+        &side(&node.peer_cfg.name, &link.peer.lock().unwrap()),
+    ) {
+        tracing::error!("{why}");
+        node.event("failover", json!({"no_promotable": why}));
+    }
     node.event(
         "connection",
         json!({"state": conn.as_str(), "peer": node.peer_cfg.name, "full_sync": full, "decision": explain}),
@@ -417,6 +415,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 fua,
                 data,
             } => {
+                refuse_while_primary(node)?;
                 let len = data.len() as u64;
                 let n = node.clone();
                 let mut write = Box::pin(async move { n.store.write(offset, data, fua).await });
@@ -458,6 +457,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Frame::Control(msg) => match msg {
                 Message::Trim { seq, offset, len } => {
+                    refuse_while_primary(node)?;
                     let (n, l) = (node.clone(), link.clone());
                     tokio::spawn(async move {
                         let r = n.store.discard(offset, len).await;
@@ -470,6 +470,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     len,
                     may_trim,
                 } => {
+                    refuse_while_primary(node)?;
                     let (n, l) = (node.clone(), link.clone());
                     tokio::spawn(async move {
                         let r = n.store.write_zeroes(offset, len, may_trim).await;
@@ -509,6 +510,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     node.announce().await;
                 }
                 Message::State(ps) => {
+                    let my_epoch = node.meta().superblock().epoch;
+                    match peer_claim(node.role(), my_epoch, ps.role, ps.epoch) {
+                        PeerClaim::Fine => {}
+                        // Steps down and drops this link.
+                        PeerClaim::Superseded(why) => node.lose_primary(why),
+                        PeerClaim::TwoPrimaries(why) => {
+                            return Err(std::io::Error::other(why));
+                        }
+                    }
                     // The peer finished its resync (or was UpToDate all along): lift its
                     // outdated mark.
                     let lift_outdated_mark = ps.disk == DiskState::UpToDate
@@ -560,6 +570,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
             },
         }
     }
+}
+
+/// A primary applies only its own writes: one from the peer means the peer thinks it is
+/// primary too. Applying and acknowledging it would let two nodes acknowledge writes; end
+/// the link instead (the handshake then decides by epoch).
+fn refuse_while_primary(node: &Node) -> std::io::Result<()> {
+    if node.role() == Role::Primary {
+        return Err(std::io::Error::other(
+            "the peer sent a write, but this node is primary",
+        ));
+    }
+    Ok(())
 }
 
 /// Acknowledge an applied replicated write; a failed one is reported and marked out of sync
@@ -914,6 +936,7 @@ pub async fn replicate_write(
         .await
         .is_err()
     {
+        link.forget(seq);
         return Replicated::LinkLost;
     }
     replicated(rx.await.unwrap_or(Err(LinkLost)))

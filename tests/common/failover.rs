@@ -72,6 +72,12 @@ impl Witness {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Send a signal to the running witness (SIGSTOP / SIGCONT).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().expect("witness running").id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+
     /// The `[failover]` section for a pair using this witness.
     pub fn failover_section(&self, lease: &str) -> String {
         format!(
@@ -224,12 +230,17 @@ pub const LEASE: &str = "1s";
 
 /// A witness and a started pair using it (alpha primary, in sync).
 pub fn witnessed_pair(size: u64) -> (Pair, Witness) {
+    witnessed_pair_with(size, NET, LEASE)
+}
+
+/// `witnessed_pair` with other `[net]` keys and lease.
+pub fn witnessed_pair_with(size: u64, net: &str, lease: &str) -> (Pair, Witness) {
     let probe = tempfile::tempdir().unwrap();
     // The witness needs the secret the pair uses; Pair writes "test-secret\n".
     let secret = probe.path().join("secret");
     std::fs::write(&secret, "test-secret\n").unwrap();
     let w = Witness::start(probe.path(), &secret);
-    let mut p = Pair::with_sections(size, NET, &w.failover_section(LEASE), "");
+    let mut p = Pair::with_sections(size, net, &w.failover_section(lease), "");
     // Keep the witness's directory alive with the pair's.
     std::mem::forget(probe);
     p.up("alpha");
@@ -237,4 +248,65 @@ pub fn witnessed_pair(size: u64) -> (Pair, Witness) {
     p.ok("alpha", &["primary", "--force"]);
     p.wait_in_sync(60);
     (p, w)
+}
+
+/// iptables rules dropping the replication traffic to and from one port, removed on drop.
+pub struct LinkCut(u16);
+
+impl LinkCut {
+    fn rules(&self, op: &str) -> Vec<Vec<String>> {
+        let port = self.0.to_string();
+        ["--dport", "--sport"]
+            .iter()
+            .map(|dir| {
+                [
+                    "-w", op, "INPUT", "-i", "lo", "-p", "tcp", dir, &port, "-j", "DROP",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            })
+            .collect()
+    }
+
+    fn apply(&self, op: &str) {
+        for r in self.rules(op) {
+            let out = std::process::Command::new("iptables")
+                .args(&r)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() || op == "-D",
+                "iptables {r:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    pub fn cut(port: u16) -> LinkCut {
+        let c = LinkCut(port);
+        c.apply("-I");
+        c
+    }
+}
+
+impl Drop for LinkCut {
+    fn drop(&mut self) {
+        self.apply("-D");
+    }
+}
+
+pub fn replication_port(p: &Pair, node: &str) -> u16 {
+    let cfg = std::fs::read_to_string(&p.config).unwrap();
+    let start = cfg.find(&format!("name = \"{node}\"")).unwrap();
+    let line = cfg[start..]
+        .lines()
+        .find(|l| l.starts_with("replication"))
+        .unwrap();
+    line.rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('"')
+        .parse()
+        .unwrap()
 }

@@ -92,6 +92,33 @@ impl Pair {
             .unwrap()
     }
 
+    /// Like `tandem`, but gives up after `secs` (None): a hung node must fail a test, not
+    /// hang it.
+    pub fn tandem_within(&self, node: &str, args: &[&str], secs: u64) -> Option<Output> {
+        let (cmd, rest) = args.split_first().unwrap();
+        let mut child = Command::new(tandem_bin())
+            .arg(cmd)
+            .arg("-c")
+            .arg(&self.config)
+            .arg("-n")
+            .arg(node)
+            .args(rest)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(child.wait_with_output().unwrap())
+    }
+
     pub fn ok(&self, node: &str, args: &[&str]) -> String {
         let out = self.tandem(node, args);
         assert!(
