@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::failover::{replication_port, witnessed_pair, witnessed_pair_with, Checker, LinkCut};
+use common::failover::{
+    replication_port, witnessed_pair, witnessed_pair_with, Attach, Checker, LinkCut,
+};
 use common::pair::{Pair, M};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -178,6 +180,35 @@ fn disconnect_under_write_load_returns_and_the_primary_goes_on_alone() {
     p.wait_in_sync(60);
     let summary = checker.finish();
     eprintln!("{summary}");
+    std::thread::sleep(Duration::from_millis(300));
+    p.assert_identical();
+}
+
+/// Issue 11, also seen: `attach` stayed on a primary that was alive but silent (SIGSTOP)
+/// until it resumed, seconds after the peer had taken over. It must follow the new primary
+/// while the old one is still stopped, and lose nothing.
+#[test]
+fn attach_leaves_a_stopped_primary_for_the_new_one_while_it_is_still_stopped() {
+    let (p, _w) = witnessed_pair(32 * M);
+    let attach = Attach::start(&p.config, p.dir.path());
+    let checker = Checker::start(p.dir.path(), "attach-stop", &[attach.uri()], 2048, 16);
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&p, "alpha", Signal::SIGSTOP);
+    p.wait_for("beta", "promotion", 20, |s| s["role"] == "primary");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !attach.log().contains("following beta") {
+        assert!(
+            Instant::now() < deadline,
+            "attach did not follow beta while alpha was stopped:\n{}",
+            attach.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(&p, "alpha", Signal::SIGCONT);
+    p.wait_in_sync(60);
+    let summary = checker.finish();
+    eprintln!("{summary}");
+    assert!(summary["reconnects"].as_u64().unwrap() == 0, "{summary}");
     std::thread::sleep(Duration::from_millis(300));
     p.assert_identical();
 }

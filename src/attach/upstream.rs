@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 const RETRY: Duration = Duration::from_millis(20);
 /// One connection and handshake attempt; a node that does not answer must not stall the round.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A node that has answered nothing for this long while requests wait may be stopped (alive
+/// to TCP, silent to NBD): look whether another node serves as primary.
+const STALL: Duration = Duration::from_secs(1);
 
 /// A request as the pair will see it.
 #[derive(Clone, Debug)]
@@ -62,6 +65,8 @@ struct Pending {
     op: Op,
     offset: u64,
     done: oneshot::Sender<io::Result<Bytes>>,
+    /// When it was last sent (a replay sends it again).
+    sent: Instant,
 }
 
 /// A request submitted by the local NBD server.
@@ -128,12 +133,60 @@ pub async fn run(target: Target, mut rx: mpsc::Receiver<Submit>, status: Arc<Mut
             tracing::info!("following {node}");
         }
         *status.lock().unwrap() = format!("following {node}");
-        let (r, w) = stream.into_split();
-        match serve(r, w, &table, &mut rx, &mut cookie).await {
-            Ended::Closed => return,
-            Ended::Lost(why) => {
-                tracing::warn!("lost {node}: {why}; looking for the primary");
-                outage_since = Some(Instant::now());
+        let mut current = (stream, node);
+        loop {
+            let (stream, node) = current;
+            let (r, w) = stream.into_split();
+            let others: Vec<(String, String)> = target
+                .nodes
+                .iter()
+                .filter(|(n, _)| *n != node)
+                .cloned()
+                .collect();
+            let stalled = watch_stall(&table, &target, &others);
+            match serve(r, w, &table, &mut rx, &mut cookie, stalled).await {
+                Ended::Closed => return,
+                Ended::Lost(why) => {
+                    tracing::warn!("lost {node}: {why}; looking for the primary");
+                    outage_since = Some(Instant::now());
+                    break;
+                }
+                Ended::Moved(stream, to) => {
+                    tracing::warn!(
+                        "{node} answered nothing for {STALL:?} and {to} serves as primary: \
+                         following {to}, replaying {} request(s)",
+                        table.lock().unwrap().len()
+                    );
+                    *status.lock().unwrap() = format!("following {to}");
+                    current = (stream, to);
+                }
+            }
+        }
+    }
+}
+
+/// Ends when requests have waited `STALL` without any reply and another node completes the
+/// NBD handshake (only a primary serves): the current node is stopped or cut off, and a
+/// new primary took over. Its requests are replayed there (a superseded primary can no
+/// longer acknowledge them: the new one refuses its writes).
+async fn watch_stall(table: &Table, target: &Target, others: &[(String, String)]) -> Ended {
+    loop {
+        tokio::time::sleep(STALL / 4).await;
+        let stalled = {
+            let t = table.lock().unwrap();
+            t.values().map(|p| p.sent).min()
+        }
+        .is_some_and(|oldest| oldest.elapsed() > STALL);
+        if !stalled {
+            continue;
+        }
+        for (name, addr) in others {
+            if let Ok(Ok((s, size, _))) =
+                tokio::time::timeout(CONNECT_TIMEOUT, negotiate(addr, &target.export)).await
+            {
+                if size == target.size {
+                    return Ended::Moved(s, name.clone());
+                }
             }
         }
     }
@@ -239,6 +292,8 @@ enum Ended {
     /// The local server is gone and nothing is pending.
     Closed,
     Lost(String),
+    /// The current node went silent and this one serves: follow it.
+    Moved(TcpStream, String),
 }
 
 /// Forward requests on one negotiated connection: first replay what is pending, then take new
@@ -249,6 +304,7 @@ async fn serve<R, W>(
     table: &Table,
     rx: &mut mpsc::Receiver<Submit>,
     cookie: &mut u64,
+    stalled: impl std::future::Future<Output = Ended>,
 ) -> Ended
 where
     R: AsyncRead + Unpin,
@@ -260,9 +316,10 @@ where
     let replay: Vec<(u64, Pending)> = std::mem::take(&mut *table.lock().unwrap())
         .into_iter()
         .collect();
-    for (_, p) in replay {
+    for (_, mut p) in replay {
         let c = *cookie;
         *cookie += 1;
+        p.sent = Instant::now();
         if let Err(e) = send(&mut w, &p.op, c, p.offset).await {
             table.lock().unwrap().insert(c, p);
             return Ended::Lost(format!("replaying: {e}"));
@@ -292,6 +349,7 @@ where
                         op: s.op,
                         offset: s.offset,
                         done: s.done,
+                        sent: Instant::now(),
                     },
                 );
                 if let Err(e) = send(&mut w, &header_op, c, s.offset).await {
@@ -356,6 +414,7 @@ where
     tokio::select! {
         e = writer => e,
         e = reader => e,
+        e = stalled => e,
     }
 }
 
