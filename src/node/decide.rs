@@ -606,41 +606,47 @@ pub fn handshake(me: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Verdict {
 
     let me_bad = me.disk == DiskState::Inconsistent;
     let peer_bad = peer.disk == DiskState::Inconsistent;
-    let (direction, full, decided_by) = if me_bad != peer_bad {
-        let d = if peer_bad {
-            Direction::Source
+    let (direction, full, decided_by) =
+        if me_bad != peer_bad {
+            let d = if peer_bad {
+                Direction::Source
+            } else {
+                Direction::Target
+            };
+            (
+                d,
+                strategy.is_full() || strategy.is_split_brain(),
+                DecidedBy::DiskStates,
+            )
+        } else if strategy.is_split_brain() {
+            match resolve_split_brain(me, peer, policy) {
+                Some((d, by)) => {
+                    let full = strategy == Strategy::SplitBrainDisconnect
+                        || matches!(by, DecidedBy::DiscardMyData(_));
+                    (d, full, by)
+                }
+                None => {
+                    return Verdict::SplitBrain {
+                        rule,
+                        basis: basis(DecidedBy::Nobody),
+                    }
+                }
+            }
         } else {
-            Direction::Target
+            match strategy.direction() {
+                Some(d) => (d, strategy.is_full(), DecidedBy::Generations),
+                // Two primaries on one link would each acknowledge writes and apply the other's.
+                None if me.role == Role::Primary && peer.role == Role::Primary => return refuse(
+                    "both sides are primary (same data so far); demote one with tandem secondary"
+                        .to_owned(),
+                ),
+                None => {
+                    return Verdict::NoSync {
+                        basis: basis(DecidedBy::Generations),
+                    }
+                }
+            }
         };
-        (
-            d,
-            strategy.is_full() || strategy.is_split_brain(),
-            DecidedBy::DiskStates,
-        )
-    } else if strategy.is_split_brain() {
-        match resolve_split_brain(me, peer, policy) {
-            Some((d, by)) => {
-                let full = strategy == Strategy::SplitBrainDisconnect
-                    || matches!(by, DecidedBy::DiscardMyData(_));
-                (d, full, by)
-            }
-            None => {
-                return Verdict::SplitBrain {
-                    rule,
-                    basis: basis(DecidedBy::Nobody),
-                }
-            }
-        }
-    } else {
-        match strategy.direction() {
-            Some(d) => (d, strategy.is_full(), DecidedBy::Generations),
-            None => {
-                return Verdict::NoSync {
-                    basis: basis(DecidedBy::Generations),
-                }
-            }
-        }
-    };
 
     let (source, target) = match direction {
         Direction::Source => (me, peer),
@@ -1945,5 +1951,16 @@ mod tests {
         assert_eq!(peer_claim(P, 2, S, 2), PeerClaim::Fine);
         assert_eq!(peer_claim(S, 1, P, 2), PeerClaim::Fine);
         assert_eq!(peer_claim(S, 3, P, 2), PeerClaim::Fine);
+    }
+
+    #[test]
+    fn two_primaries_with_the_same_data_are_refused_not_connected() {
+        let gens = g(A, 0, H, 0);
+        let v = handshake(
+            &alpha(gens).primary(),
+            &beta(gens).primary(),
+            &default_policy(),
+        );
+        assert!(matches!(v, Verdict::Refuse { .. }), "{v:?}");
     }
 }
