@@ -402,7 +402,11 @@ impl Node {
                             return;
                         }
                         Err(Acquire::Outdated(why)) => {
-                            self.outdate_myself(&why);
+                            // Connected, the handshake (or resync) already made this copy
+                            // what the peer has; only a lost peer leaves it possibly stale.
+                            if self.link().is_none() {
+                                self.outdate_myself(&why);
+                            }
                             self.set_note(Some(format!("not promoting: {why}")));
                             return;
                         }
@@ -450,6 +454,30 @@ impl Node {
             // The peer may come back meanwhile.
             drop(gate);
             tokio::time::sleep(self.fence_retry()).await;
+        }
+    }
+
+    /// Connected to a secondary peer, UpToDate, and this node lost the primary role without
+    /// an operator asking while nobody took it over (e.g. its lease ran out during a link cut
+    /// while the witness was down, and the peer's promotion was refused): take it back, the
+    /// way a secondary takes over a lost primary. Called when a handshake or resync ends.
+    pub(crate) fn retake_lost_role(self: &Arc<Self>) {
+        let peer_secondary = self
+            .link()
+            .is_some_and(|l| l.peer.lock().unwrap().role == Role::Secondary);
+        let st = self.state();
+        let blocked = auto_promotion_blocked(
+            self.cfg.failover.auto,
+            self.cfg.failover.fencing,
+            st.disk,
+            st.role,
+            true,
+        );
+        drop(st);
+        if peer_secondary && blocked.is_none() && self.lost_primary_role.load(Ordering::Relaxed) {
+            tracing::warn!("nobody took over the primary role this node lost: taking it back");
+            let n = self.clone();
+            tokio::spawn(async move { n.auto_promote().await });
         }
     }
 
@@ -552,6 +580,7 @@ impl Node {
             Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
         };
         self.state().role = Role::Primary;
+        self.lost_primary_role.store(false, Ordering::Relaxed);
         self.set_fence(fence);
         let msg = format!("promoted to primary: {why}");
         if forced {
@@ -646,6 +675,7 @@ impl Node {
             }
             st.role = Role::Secondary;
         }
+        self.lost_primary_role.store(true, Ordering::Relaxed);
         if let Err(e) = self.meta().update(|sb| {
             sb.flags.was_primary = false;
             sb.gens.set_primary(false);

@@ -334,6 +334,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
         let n = node.clone();
         tokio::spawn(async move { n.peer_in_sync().await });
     }
+    node.retake_lost_role();
     let last_rx = Arc::new(AtomicU64::new(now_ms()));
     tokio::spawn(ping_loop(node.clone(), link.clone(), last_rx.clone()));
     tokio::spawn(peer_flush_loop(
@@ -508,6 +509,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Message::ResyncDone { gens } => {
                     resync_finished_as_target(node, gens);
                     node.announce().await;
+                    node.retake_lost_role();
                 }
                 Message::State(ps) => {
                     let my_epoch = node.meta().superblock().epoch;
