@@ -598,6 +598,12 @@ impl Node {
             tokio::spawn(async move { n.keep_lease(e).await });
         }
         self.announce().await;
+        // The peer was marked outdated on the way here but caught up meanwhile (its resync
+        // ended before this node was primary, so that lift was not this node's to do).
+        if self.peer_connected_in_sync() && self.meta().superblock().flags.peer_outdated {
+            let n = self.clone();
+            tokio::spawn(async move { n.peer_in_sync().await });
+        }
     }
 
     /// Renew the lease at a third of its length while primary for `epoch`. Without a lease

@@ -507,7 +507,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     link.complete(seq, Reply::Digests(digests))
                 }
                 Message::ResyncDone { gens } => {
-                    resync_finished_as_target(node, gens);
+                    let source = link.peer.lock().unwrap().disk;
+                    resync_finished_as_target(node, gens, source);
                     node.announce().await;
                     node.retake_lost_role();
                 }
@@ -607,8 +608,16 @@ async fn ack_apply(n: &Node, l: &Link, seq: u64, offset: u64, len: u64, r: std::
     let _ = l.send(&msg).await;
 }
 
-fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations) {
+/// The resync from the peer is complete: this copy is now the source's. It is as current as
+/// the source was: a copy of an Outdated source is Outdated too (it may lack what the source
+/// lacks), so a resync never turns stale data into data that promotes automatically.
+fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations, source: DiskState) {
     let size = node.size;
+    let disk = if source == DiskState::Outdated {
+        DiskState::Outdated
+    } else {
+        DiskState::UpToDate
+    };
     let result = {
         let mut meta = node.meta();
         meta.mark_in_sync(0, size);
@@ -616,7 +625,7 @@ fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations) {
             meta.update(|sb| {
                 sb.gens.adopt(&gens);
                 sb.flags.consistent = true;
-                sb.flags.outdated = false;
+                sb.flags.outdated = disk == DiskState::Outdated;
                 sb.flags.crashed_primary = false;
             })
         })
@@ -627,12 +636,15 @@ fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations) {
     }
     {
         let mut st = node.state();
-        st.disk = DiskState::UpToDate;
+        st.disk = disk;
         st.conn = Conn::Connected;
         st.resync = None;
     }
-    tracing::info!("resync finished: this node is UpToDate");
-    node.event("resync", json!({"state": "finished", "disk": "UpToDate"}));
+    tracing::info!("resync finished: this node is {}", disk.as_str());
+    node.event(
+        "resync",
+        json!({"state": "finished", "disk": disk.as_str()}),
+    );
 }
 
 /// Push every out-of-sync block to the peer, a window of chunks at a time, holding the range
