@@ -67,6 +67,7 @@ use toml::Spanned;
 use crate::nbd::addr::ListenAddr;
 use crate::node::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use crate::units::parse_bytes;
+use crate::witness::proto::MAX_LEASE_MS;
 
 /// Default `[net] ping_interval`.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_millis(200);
@@ -749,6 +750,20 @@ fn parse_failover(top: &Tbl, net: &NetConfig) -> Result<FailoverConfig, ConfigEr
                 humantime::format_duration(f.lease),
                 if lease.is_none() { ", the default" } else { "" },
                 humantime::format_duration(net.ping_timeout),
+            ),
+        ));
+    }
+    // The witness is asked for the lease in whole milliseconds and grants 1..=MAX_LEASE_MS;
+    // any other lease would be refused at every promotion.
+    let lease_ms = f.lease.as_millis();
+    if f.fencing == Fencing::Witness && !(1..=u128::from(MAX_LEASE_MS)).contains(&lease_ms) {
+        let line = lease.map(|(_, l)| l).or(fencing_line);
+        return Err(top.cx.err(
+            line,
+            format!(
+                "lease ({}) in [failover] is outside what the witness grants (1ms to {})",
+                humantime::format_duration(f.lease),
+                humantime::format_duration(Duration::from_millis(MAX_LEASE_MS)),
             ),
         ));
     }
@@ -1655,6 +1670,34 @@ witness = "127.0.0.1:7790"
         parse(&t);
         // Equal is enough.
         parse(&edit(&example(), "lease = \"2s\"", "lease = \"1s\""));
+    }
+
+    /// Found with the `config` fuzz target's invariants: a lease the witness never grants
+    /// (over an hour, or under a millisecond) was accepted, and every promotion was refused.
+    #[test]
+    fn witness_lease_must_be_one_the_witness_grants() {
+        let t = edit(&example(), "lease = \"2s\"", "lease = \"2h\"");
+        fails(
+            &t,
+            Some(30),
+            &["lease (2h) in [failover] is outside what the witness grants (1ms to 1h)"],
+        );
+        let t = edit(
+            &example(),
+            "ping_interval = \"200ms\"",
+            "ping_interval = \"100us\"",
+        );
+        let t = edit(&t, "ping_timeout = \"1s\"", "ping_timeout = \"200us\"");
+        let t = edit(&t, "lease = \"2s\"", "lease = \"900us\"");
+        fails(
+            &t,
+            Some(30),
+            &["lease (900us)", "outside what the witness grants"],
+        );
+        // The limits themselves are fine, and other fencing does not use the lease.
+        parse(&edit(&example(), "lease = \"2s\"", "lease = \"1h\""));
+        let t = edit(&example(), "lease = \"2s\"", "lease = \"2h\"");
+        parse(&edit(&t, "fencing = \"witness\"", "fencing = \"none\""));
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod fence;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod meta;
 pub mod nbd;
 pub mod node;

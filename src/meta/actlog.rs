@@ -48,6 +48,10 @@ const UPDATES_OFF: usize = 64;
 const CONTEXT_OFF: usize = UPDATES_OFF + UPDATES_PER_TX * 8;
 pub const CONTEXT_PER_TX: u32 = ((BLOCK_SIZE - CONTEXT_OFF) / 4) as u32;
 pub const MIN_RING_BLOCKS: u32 = 8;
+/// Largest transaction number a valid block may hold. Numbers start at 0 and grow by one per
+/// transaction (2^63 of them take 292,000 years at one per microsecond), so a larger one is
+/// corrupt, and ring arithmetic on valid numbers (`newest + ring`) cannot overflow.
+pub const MAX_TR: u64 = u64::MAX / 2;
 /// An empty slot.
 pub const EMPTY: u32 = u32::MAX;
 
@@ -124,6 +128,11 @@ impl Transaction {
             ));
         }
         let tr = get_u64(b, 24);
+        if tr > MAX_TR {
+            return bad(format!(
+                "has transaction number {tr}, beyond the largest possible ({MAX_TR})"
+            ));
+        }
         let kind = match get_u16(b, 12) {
             1 => TxKind::Update,
             2 => TxKind::Reset,
@@ -144,6 +153,16 @@ impl Transaction {
         {
             return bad(format!(
                 "has impossible counts (updates {n_updates}, context {n_context} from {context_start})"
+            ));
+        }
+        // Checksum-valid but not as this version writes it: reserved bytes, update entries
+        // past `n_updates` and context entries past `n_context` are zero.
+        let unused = (42..UPDATES_OFF)
+            .chain(UPDATES_OFF + n_updates * 8..CONTEXT_OFF)
+            .chain(CONTEXT_OFF + n_context as usize * 4..BLOCK_SIZE);
+        if let Some(off) = unused.into_iter().find(|&i| b[i] != 0) {
+            return bad(format!(
+                "has non-zero byte {off} outside its {n_updates} updates and {n_context} context entries"
             ));
         }
         let extent_ok = |e: u32| (e as u64) < n_extents;
@@ -574,6 +593,71 @@ mod tests {
             Transaction::salvage_updates(&c, MD, 78, 100),
             Vec::<u32>::new()
         );
+    }
+
+    /// Found by the `meta_blocks` fuzz target: a checksum-valid transaction with bytes in an
+    /// unused update entry decoded, so `encode(decode(b)) != b`.
+    #[test]
+    fn unused_bytes_must_be_zero() {
+        let tx = Transaction {
+            tr: 9,
+            kind: TxKind::Update,
+            updates: vec![(3, 9)],
+            context_start: 0,
+            context: vec![EMPTY; 67],
+        };
+        let b = tx.encode(MD, 67);
+        // Reserved header bytes, the second (unused) update, past the 67 context entries.
+        for pos in [
+            42,
+            63,
+            UPDATES_OFF + 8,
+            188,
+            CONTEXT_OFF - 1,
+            CONTEXT_OFF + 67 * 4,
+            4095,
+        ] {
+            let mut c = b.clone();
+            c[pos] = 1;
+            let crc = block_crc(&c, CRC_OFF);
+            put_u32(&mut c, CRC_OFF, crc);
+            match Transaction::decode(&c, MD, 67, 100) {
+                Err(TxFault::Invalid(m)) => assert!(m.contains("non-zero byte"), "{pos}: {m}"),
+                other => panic!("byte {pos}: {other:?}"),
+            }
+        }
+        assert_eq!(Transaction::decode(&b, MD, 67, 100), Ok(tx));
+    }
+
+    /// Found by the `meta_blocks` fuzz target: a ring of checksum-valid transactions numbered
+    /// up to `u64::MAX` overflowed `newest + 1` (a panic with overflow checks; a wrong frontier
+    /// and replay order without), and `open` computed `newest + 1` again for the next number.
+    #[test]
+    fn transaction_numbers_near_the_end_are_corrupt() {
+        let (ring, _) = fresh_ring(67);
+        for top in [u64::MAX, u64::MAX - 3, MAX_TR + 8] {
+            let n = ring.len() as u64;
+            let newest = top - (top % n + n - 7) % n;
+            let renumbered: Vec<Vec<u8>> = (0..n)
+                .map(|pos| {
+                    let tx = Transaction {
+                        tr: newest - (7 - pos),
+                        kind: TxKind::Reset,
+                        updates: vec![],
+                        context_start: 0,
+                        context: vec![EMPTY; 67],
+                    };
+                    tx.encode(MD, 67)
+                })
+                .collect();
+            let err = scan(&renumbered, 67, true).unwrap_err();
+            assert!(err.1.contains("beyond the largest possible"), "{err:?}");
+        }
+        let tx = Transaction {
+            tr: MAX_TR,
+            ..fresh_ring(67).1.build_reset()
+        };
+        assert!(Transaction::decode(&tx.encode(MD, 67), MD, 67, 100).is_ok());
     }
 
     /// Write transactions of `log` into an in-memory ring, as the file layer does.

@@ -253,6 +253,12 @@ impl Bitmap {
                 get_u64(b, 16)
             )));
         }
+        // Checksum-valid but not written by this version: its words cannot be trusted.
+        if let Some(off) = (12..16).chain(32..HEADER).find(|&i| b[i] != 0) {
+            return Err(BmFault::Invalid(format!(
+                "has non-zero reserved byte {off} (bytes 12..16 and 32..128 must be zero)"
+            )));
+        }
         if get_u64(b, 24) != block {
             return Err(BmFault::Invalid(format!(
                 "holds bitmap block {} where block {block} belongs",
@@ -260,9 +266,10 @@ impl Bitmap {
             )));
         }
         let w0 = block as usize * WORDS_PER_BLOCK;
+        let word = |i: usize| get_u64(b, HEADER + i * 8);
+        // Check every word before loading any, so a rejected block leaves no bits behind.
         for i in 0..WORDS_PER_BLOCK {
-            let v = get_u64(b, HEADER + i * 8);
-            let w = w0 + i;
+            let (v, w) = (word(i), w0 + i);
             let beyond = if w >= self.words.len() {
                 v
             } else if w == self.words.len() - 1 && !self.nbits.is_multiple_of(64) {
@@ -275,8 +282,11 @@ impl Bitmap {
                     "has bits set beyond the end of the device".into(),
                 ));
             }
+        }
+        for i in 0..WORDS_PER_BLOCK {
+            let v = word(i);
             if v != 0 {
-                self.store(w, v);
+                self.store(w0 + i, v);
             }
         }
         self.clear_dirty(block);
@@ -413,5 +423,49 @@ mod tests {
             other.decode_block(1, 42, &c),
             Err(BmFault::Invalid(_))
         ));
+    }
+
+    /// Found by the `meta_blocks` fuzz target: a checksum-valid block with bytes in the
+    /// reserved header fields decoded, so `encode(decode(b)) != b`.
+    #[test]
+    fn reserved_header_bytes_must_be_zero() {
+        let mut b = Bitmap::new(BITS_PER_BLOCK + 100);
+        b.set_range(BITS_PER_BLOCK + 99, BITS_PER_BLOCK + 100, true);
+        let mut img = vec![0u8; BLOCK_SIZE];
+        b.encode_block(1, 42, &mut img);
+        for pos in [12, 15, 32, 71, 127] {
+            let mut c = img.clone();
+            c[pos] = 0xff;
+            let crc = block_crc(&c, CRC_OFF);
+            c[CRC_OFF..CRC_OFF + 4].copy_from_slice(&crc.to_le_bytes());
+            let mut fresh = Bitmap::new(b.nbits());
+            match fresh.decode_block(1, 42, &c) {
+                Err(BmFault::Invalid(m)) => assert!(m.contains("reserved byte"), "{pos}: {m}"),
+                r => panic!("byte {pos}: {r:?}"),
+            }
+        }
+        let mut fresh = Bitmap::new(b.nbits());
+        fresh.decode_block(1, 42, &img).unwrap();
+        assert_eq!(fresh.words(), b.words());
+    }
+
+    /// Found by the `meta_blocks` fuzz target: a block rejected for bits beyond the device end
+    /// had already loaded the words before the offending one.
+    #[test]
+    fn a_rejected_block_loads_nothing() {
+        let mut b = Bitmap::new(100);
+        b.set_range(0, 10, true);
+        let mut img = vec![0u8; BLOCK_SIZE];
+        b.encode_block(0, 42, &mut img);
+        super::put_u64(&mut img, HEADER + 8, 1 << 40);
+        let crc = block_crc(&img, CRC_OFF);
+        img[CRC_OFF..CRC_OFF + 4].copy_from_slice(&crc.to_le_bytes());
+        let mut fresh = Bitmap::new(100);
+        assert!(matches!(
+            fresh.decode_block(0, 42, &img),
+            Err(BmFault::Invalid(_))
+        ));
+        assert_eq!(fresh.count(), 0);
+        assert_eq!(fresh.words(), &[0, 0]);
     }
 }

@@ -43,6 +43,9 @@ pub const MAX_NAME_LEN: usize = 64;
 const SB_CRC_OFF: usize = 12;
 const RESOURCE_OFF: usize = 128;
 const NODE_OFF: usize = 192;
+/// Bytes of block 0 that hold no field and must be zero.
+const RESERVED: [std::ops::Range<usize>; 2] =
+    [112..RESOURCE_OFF, NODE_OFF + MAX_NAME_LEN..BLOCK_SIZE];
 
 /// CRC32 of a block whose 4-byte CRC field at `crc_off` counts as zero.
 pub(crate) fn block_crc(buf: &[u8], crc_off: usize) -> u32 {
@@ -329,6 +332,13 @@ impl Superblock {
             check_name(kind, s).map_err(|e| SbFault::Corrupt(format!("is invalid: {e}")))?;
             Ok(s.to_string())
         };
+        // A checksum-valid block with anything in the reserved bytes was not written by this
+        // version: its fields cannot be trusted to mean what we read.
+        if let Some(off) = RESERVED.iter().flat_map(|r| r.clone()).find(|&i| b[i] != 0) {
+            return bad(format!(
+                "has non-zero reserved byte {off} (bytes 112..128 and 256..4096 must be zero)"
+            ));
+        }
         let flags_bits = get_u32(b, 64);
         let Some(flags) = MetaFlags::from_bits(flags_bits) else {
             return bad(format!("has unknown flag bits {flags_bits:#x}"));
@@ -441,6 +451,22 @@ mod tests {
         c[3] ^= 1;
         assert_eq!(Superblock::decode(&c), Err(SbFault::NotTandem));
         assert_eq!(Superblock::decode(&[0u8; 100]), Err(SbFault::NotTandem));
+    }
+
+    /// Found by the `meta_blocks` fuzz target: a superblock with a valid checksum and bytes
+    /// in the reserved areas decoded, so `encode(decode(b)) != b`.
+    #[test]
+    fn reserved_bytes_must_be_zero() {
+        for pos in [112, 120, 127, 256, 511, 512, 4095] {
+            let mut c = sample().encode();
+            c[pos] = 1;
+            let crc = block_crc(&c, SB_CRC_OFF);
+            put_u32(&mut c, SB_CRC_OFF, crc);
+            match Superblock::decode(&c) {
+                Err(SbFault::Corrupt(m)) => assert!(m.contains("reserved byte"), "{pos}: {m}"),
+                other => panic!("byte {pos}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -301,10 +301,7 @@ pub fn decode_frame(header: &[u8; HEADER_LEN], body: Bytes) -> io::Result<Frame>
         )));
     }
     Ok(match kind {
-        Kind::Control => Frame::Control(
-            postcard::from_bytes(&body)
-                .map_err(|e| invalid(format!("undecodable control message: {e}")))?,
-        ),
+        Kind::Control => Frame::Control(decode_control(&body)?),
         Kind::Write => Frame::Write {
             seq,
             offset,
@@ -317,6 +314,21 @@ pub fn decode_frame(header: &[u8; HEADER_LEN], body: Bytes) -> io::Result<Frame>
             data: body,
         },
     })
+}
+
+/// A control body holds exactly one message: bytes after it mean the sender's encoder is not
+/// ours (or the frame is garbage), never something to ignore.
+fn decode_control(body: &[u8]) -> io::Result<Message> {
+    let (msg, rest) = postcard::take_from_bytes(body)
+        .map_err(|e| invalid(format!("undecodable control message: {e}")))?;
+    if !rest.is_empty() {
+        return Err(invalid(format!(
+            "undecodable control message: {} bytes after the message in a body of {}",
+            rest.len(),
+            body.len()
+        )));
+    }
+    Ok(msg)
 }
 
 /// Read one frame (blocking until complete). EOF before a header is `UnexpectedEof`.
@@ -468,6 +480,23 @@ mod tests {
         bad[100] ^= 1;
         let err = decode_frame(&h, Bytes::from(bad)).unwrap_err();
         assert!(err.to_string().contains("CRC"), "{err}");
+    }
+
+    /// Found by the `peer_frame` fuzz target: a control frame (with a correct CRC) whose body
+    /// held a valid message followed by more bytes was accepted, the rest ignored.
+    #[test]
+    fn control_bodies_with_bytes_after_the_message_are_rejected() {
+        let mut body = postcard::to_stdvec(&Message::Ping).unwrap();
+        body.extend_from_slice(&[0, 0, 0]);
+        let mut out = BytesMut::new();
+        put_header(&mut out, Kind::Control, 0, 0, 0, &body);
+        let h: [u8; HEADER_LEN] = out[..].try_into().unwrap();
+        let err = decode_frame(&h, Bytes::from(body)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            err.to_string().contains("3 bytes after the message"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -246,7 +246,22 @@ pub async fn read_msg<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Message> {
     }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body).await?;
-    postcard::from_bytes(&body).map_err(|e| invalid(format!("undecodable message: {e}")))
+    decode_body(&body)
+}
+
+/// A frame body holds exactly one message: bytes after it mean the frame is garbage (or was
+/// written by a peer whose messages differ from ours), not something to ignore.
+fn decode_body(body: &[u8]) -> io::Result<Message> {
+    let (msg, rest) = postcard::take_from_bytes(body)
+        .map_err(|e| invalid(format!("undecodable message: {e}")))?;
+    if !rest.is_empty() {
+        return Err(invalid(format!(
+            "undecodable message: {} bytes after the message in a frame of {}",
+            rest.len(),
+            body.len()
+        )));
+    }
+    Ok(msg)
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -366,6 +381,23 @@ mod tests {
         let e = read_msg(&mut &frame[..]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("exceeds"), "{e}");
+    }
+
+    /// Found by the `witness_proto` fuzz target: a frame whose body held a valid message
+    /// followed by junk was accepted, the junk silently ignored.
+    #[tokio::test]
+    async fn frames_with_bytes_after_the_message_are_garbage() {
+        let mut frame = encode(&Message::Welcome { epoch: 3 });
+        frame.extend_from_slice(b"junk");
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let e = read_msg(&mut &frame[..]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("4 bytes after the message"), "{e}");
+        // The fuzzer's input: a Reply(Granted { epoch: 0 }) frame with 7 bytes after it.
+        let found = [0u8, 0, 0, 10, 6, 0, 0, 0, 2, 5, 5, b'e', b't', b'a', b'F'];
+        let e = read_msg(&mut &found[..]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
