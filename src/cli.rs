@@ -78,6 +78,11 @@ pub enum Command {
         /// operating-system crash would.
         #[arg(long, hide = true)]
         volatile_cache: bool,
+        /// Testing: inject storage faults into the data disk, from a file of
+        /// OP:START-END:ACTION rules (one per line; empty = none), read at start and again
+        /// on SIGHUP.
+        #[arg(long, value_name = "PATH", hide = true)]
+        fault_file: Option<PathBuf>,
     },
     /// Show one node's view of the resource.
     Status {
@@ -288,7 +293,16 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Up {
                 res,
                 volatile_cache,
-            } => crate::node::up::up(&res.cfg.config, &res.node, volatile_cache).await,
+                fault_file,
+            } => {
+                crate::node::up::up(
+                    &res.cfg.config,
+                    &res.node,
+                    volatile_cache,
+                    fault_file.as_deref(),
+                )
+                .await
+            }
             Command::Status { res, json, watch } => status(&res, json, watch).await,
             Command::Events { res } => events(&res).await,
             Command::Primary { res, force } => {

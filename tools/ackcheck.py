@@ -142,6 +142,7 @@ class Checker:
         self.written = set()  # blocks with at least one write issued
         self.busy = set()  # blocks with a write in flight
         self.inflight = {}  # version -> (block, buffer); the buffer must outlive the command
+        self.issued_at = {}  # version -> wall time the write was issued (--log-issue-times)
         self.flushes_inflight = 0
         self.completed = []  # (generation, kind, id, errno) filled by libnbd callbacks
         self.generation = 0  # bumped per connection so late callbacks of a dead one are ignored
@@ -179,6 +180,7 @@ class Checker:
             self.stats["unacked"] += 1
         self.stats["flushes_failed"] += self.flushes_inflight
         self.inflight.clear()
+        self.issued_at.clear()
         self.busy.clear()
         self.flushes_inflight = 0
         self.h = None  # dropping the last reference closes the handle
@@ -219,6 +221,8 @@ class Checker:
             self.stats["fua_writes"] += 1
         # Book-keeping first: if aio_pwrite raises, the write counts as in flight and unknown.
         self.inflight[v] = (block, buf)
+        if self.log and self.args.log_issue_times:
+            self.issued_at[v] = time.time()
         self.busy.add(block)
         self.written.add(block)
         self.h.aio_pwrite(buf, self.args.offset + block * self.args.block_size,
@@ -259,7 +263,12 @@ class Checker:
             self.outages_ms.append(round((now - self.failed_at) * 1000, 1))
             self.failed_at = None
         if self.log:
-            self.log.write(f"{now:.6f} {self.uri} {block} {v}\n")
+            if self.args.log_issue_times:
+                issued = self.issued_at.pop(v, None)
+                self.log.write(f"{now:.6f} {self.uri} {block} {v} "
+                               f"{issued if issued is None else format(issued, '.6f')}\n")
+            else:
+                self.log.write(f"{now:.6f} {self.uri} {block} {v}\n")
 
     def step(self, fill):
         """Top up the queue (if fill), wait a little, apply completions; raises on failure."""
@@ -416,6 +425,9 @@ def parse_args(argv):
     p.add_argument("--io-timeout", type=float, default=30.0,
                    help="seconds without any reply before the connection counts as failed")
     p.add_argument("--log", help="append 'time uri block version' per acknowledgement")
+    p.add_argument("--log-issue-times", action="store_true",
+                   help="with --log, add a fifth field: the wall time the write was issued "
+                        "(its acknowledgement cannot have been sent before it)")
     p.add_argument("--json", help="write the JSON summary here")
     p.add_argument("--verify-uri", help="verify on this node (default: whichever URI serves)")
     p.add_argument("--seed", type=int, help="seed for the choice of blocks")

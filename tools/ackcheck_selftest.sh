@@ -111,5 +111,17 @@ rc=0
     2>"$dir/noserver.err" || rc=$?
 verdict noserver "$dir/noserver.json" 'not r["ok"] and r["error"] is not None' "$rc" 2
 
+# 6. --log-issue-times: each acknowledgement line gains the time its write was issued, which
+#    is never after the acknowledgement.
+rc=0
+"$ackcheck" --uri "$U" --blocks 256 --duration 1 --log "$dir/issued.log" --log-issue-times \
+    --json "$dir/issued.json" 2>"$dir/issued.err" || rc=$?
+/usr/bin/python3 -c 'import json, sys
+rows = [l.split() for l in open(sys.argv[1])]
+ok = rows and all(len(r) == 5 and float(r[4]) <= float(r[0]) for r in rows)
+r = json.load(open(sys.argv[2])); r["log_ok"] = bool(ok) and len(rows) == r["acked"]
+json.dump(r, open(sys.argv[2], "w"))' "$dir/issued.log" "$dir/issued.json" || true
+verdict issued "$dir/issued.json" 'r["ok"] and r["log_ok"]' "$rc" 0
+
 if [ "$failures" -eq 0 ]; then echo "ackcheck self-test: all cases passed"; else
     echo "ackcheck self-test: $failures case(s) failed"; exit 1; fi

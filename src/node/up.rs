@@ -12,9 +12,23 @@ use crate::config::Config;
 use crate::meta::Meta;
 use crate::nbd::{self, Listener};
 use crate::repl::replicated::ReplicatedStore;
-use crate::store::{self, BackingOptions, EngineChoice, SharedStore};
+use crate::store::{self, BackingOptions, EngineChoice, FaultStore, SharedStore};
 
-pub async fn up(config: &Path, name: &str, volatile_cache: bool) -> Result<(), Failure> {
+pub async fn up(
+    config: &Path,
+    name: &str,
+    volatile_cache: bool,
+    fault_file: Option<&Path>,
+) -> Result<(), Failure> {
+    // With a fault file, SIGHUP reloads it; its handler goes in first, so a SIGHUP sent
+    // while the node is still starting does not kill it (the default action).
+    let hangup = match fault_file {
+        Some(_) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?,
+        ),
+        None => None,
+    };
     let cfg = Config::load(config)?;
     let me = cfg.node(name)?.clone();
     let peer = cfg.peer(name)?.clone();
@@ -39,6 +53,35 @@ pub async fn up(config: &Path, name: &str, volatile_cache: bool) -> Result<(), F
     }
     let mut local = store::open_store(backing, EngineChoice::Auto)
         .map_err(|e| format!("{}: {e}", me.disk.display()))?;
+    if let (Some(path), Some(mut hangup)) = (fault_file, hangup) {
+        let rules = FaultStore::load_rules_file(path)?;
+        tracing::warn!(
+            "fault injection (testing) from {}: {} rule(s) {:?}; SIGHUP reloads it",
+            path.display(),
+            rules.len(),
+            rules.iter().map(ToString::to_string).collect::<Vec<_>>()
+        );
+        let faults = Arc::new(FaultStore::new(local, rules));
+        local = faults.clone() as SharedStore;
+        let path = path.to_path_buf();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                // A bad file keeps the rules in force: a half-written change never applies.
+                match FaultStore::load_rules_file(&path) {
+                    Ok(rules) => {
+                        tracing::warn!(
+                            "fault rules reloaded from {}: {} rule(s) {:?}",
+                            path.display(),
+                            rules.len(),
+                            rules.iter().map(ToString::to_string).collect::<Vec<_>>()
+                        );
+                        faults.set_rules(rules);
+                    }
+                    Err(e) => tracing::error!("{e}; keeping the previous fault rules"),
+                }
+            }
+        });
+    }
     if volatile_cache {
         tracing::warn!(
             "volatile write cache (testing): a kill loses every write since the last flush"

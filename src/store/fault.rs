@@ -170,6 +170,19 @@ impl FaultRule {
     }
 }
 
+/// Parse the text of a rules file: one rule per line; blank lines and `#` comments skipped.
+pub fn parse_rules(text: &str) -> Result<Vec<FaultRule>, String> {
+    let mut rules = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        rules.push(FaultRule::parse(line).map_err(|e| format!("line {}: {e}", i + 1))?);
+    }
+    Ok(rules)
+}
+
 impl FromStr for FaultRule {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -224,6 +237,21 @@ impl FaultStore {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+    }
+
+    /// Replace every rule at once. An operation decides its verdict under one read lock, so
+    /// it sees either all the old rules or all the new ones, never a mix.
+    pub fn set_rules(&self, rules: Vec<FaultRule>) {
+        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rules;
+    }
+
+    /// Read a rules file (`tandem up --fault-file`): one `OP:START-END:ACTION` per line;
+    /// blank lines and lines starting with `#` are ignored, so an empty file means no faults.
+    /// The whole file is rejected if any line is bad, naming the file and line.
+    pub fn load_rules_file(path: &std::path::Path) -> Result<Vec<FaultRule>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("fault file {}: {e}", path.display()))?;
+        parse_rules(&text).map_err(|e| format!("fault file {}: {e}", path.display()))
     }
 
     pub fn rules(&self) -> Vec<FaultRule> {
@@ -412,6 +440,66 @@ mod tests {
         assert!(any.matches(Op::Extents, 0, 10));
         assert!(any.matches(Op::Kind(OpKind::Discard), 0, 10));
         assert!(!r.matches(Op::Cache, 4096, 1));
+    }
+
+    #[test]
+    fn rules_file() {
+        assert_eq!(parse_rules("").unwrap(), Vec::new());
+        assert_eq!(parse_rules("\n  \n# nothing yet\n").unwrap(), Vec::new());
+        let rules = parse_rules(
+            "write:0-4096:eio\n\n  # a stall\n any:0-1G:delay=200ms  \r\nflush:0-0:enospc",
+        )
+        .unwrap();
+        assert_eq!(
+            rules,
+            vec![
+                FaultRule::parse("write:0-4096:eio").unwrap(),
+                FaultRule::parse("any:0-1G:delay=200ms").unwrap(),
+                FaultRule::parse("flush:0-0:enospc").unwrap(),
+            ]
+        );
+        // One bad line rejects the whole file and names the line.
+        let e = parse_rules("write:0-4096:eio\nwrite:0-4096:boom\n").unwrap_err();
+        assert!(e.starts_with("line 2: "), "{e}");
+        assert!(parse_rules("read:0-1M").unwrap_err().contains("line 1"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("faults");
+        assert!(FaultStore::load_rules_file(&path)
+            .unwrap_err()
+            .contains("faults"));
+        std::fs::write(&path, "read:0-4K:errno=61\n").unwrap();
+        assert_eq!(
+            FaultStore::load_rules_file(&path).unwrap(),
+            vec![FaultRule::parse("read:0-4K:errno=61").unwrap()]
+        );
+        std::fs::write(&path, "").unwrap();
+        assert!(FaultStore::load_rules_file(&path).unwrap().is_empty());
+        std::fs::write(&path, "\nwrite:0-1M:eio\nnonsense\n").unwrap();
+        let e = FaultStore::load_rules_file(&path).unwrap_err();
+        assert!(e.contains("line 3") && e.contains("faults"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn set_rules_replaces_all_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, _) = store(&dir);
+        fs.set_rules(parse_rules("write:0-4K:eio\nread:0-4K:eio").unwrap());
+        assert!(fs
+            .write(0, Bytes::from(vec![1u8; 16]), false)
+            .await
+            .is_err());
+        fs.set_rules(parse_rules("read:0-4K:enospc").unwrap());
+        assert_eq!(fs.rules().len(), 1);
+        fs.write(0, Bytes::from(vec![1u8; 16]), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            fs.read(0, 16).await.unwrap_err().raw_os_error(),
+            Some(libc::ENOSPC)
+        );
+        fs.set_rules(Vec::new());
+        assert_eq!(&fs.read(0, 16).await.unwrap()[..], &[1u8; 16][..]);
     }
 
     fn store(dir: &tempfile::TempDir) -> (Arc<FaultStore>, SharedStore) {
