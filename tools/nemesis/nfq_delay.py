@@ -23,6 +23,7 @@ import argparse
 import heapq
 import os
 import random
+import select
 import signal
 import socket
 import struct
@@ -52,6 +53,7 @@ NFQA_CFG_F_GSO = 4
 NF_ACCEPT = 1
 SOL_NETLINK = 270
 NETLINK_NO_ENOBUFS = 5
+STEP = 0.0001  # seconds between polls while packets are held
 NLMSGHDR = struct.Struct("=IHHII")
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, packed separately)
 ATTR = struct.Struct("=HH")
@@ -164,15 +166,22 @@ def main(argv):
     last_release = 0.0
     lo = max(0.0, args.delay_ms - args.jitter_ms) / 1000
     hi = max(0.0, args.delay_ms + args.jitter_ms) / 1000
+    # Socket timeouts (poll) round up to whole milliseconds, which would add up to 1 ms to
+    # every packet; while packets are held, poll without blocking and sleep in short steps
+    # (nanosleep) instead, so a release is late by about STEP at most.
+    q.sock.setblocking(False)
     while not stopping:
         now = time.monotonic()
         while held and held[0][0] <= now:
             q.verdict(heapq.heappop(held)[2])
-        timeout = max(0.0, held[0][0] - now) if held else 0.5
-        q.sock.settimeout(timeout if timeout > 0 else 0.0001)
+        if not held:
+            ready, _, _ = select.select([q.sock], [], [], 0.5)
+            if not ready:
+                continue
         try:
             data = q.sock.recv(1 << 20)
-        except (socket.timeout, BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError):
+            time.sleep(max(0.0, min(held[0][0] - time.monotonic(), STEP)))
             continue
         except OSError as e:  # ENOBUFS: the kernel dropped some; go on
             print(f"nfq_delay: {e}", file=sys.stderr)
