@@ -529,8 +529,15 @@ impl Node {
             // This node's data becomes the reference: a new generation, and everything must
             // be copied to the peer.
             self.persist(|sb| {
-                sb.gens.bitmap = 0;
-                sb.gens.current = crate::meta::Generations::random();
+                if fresh {
+                    sb.gens.bitmap = 0;
+                    sb.gens.current = crate::meta::Generations::random();
+                } else {
+                    // The old generation stays as the bitmap generation, so a peer still at
+                    // it is a sync target (of everything: every bit is set below), and only
+                    // a peer that moved on since is a split brain.
+                    sb.gens.new_current(false);
+                }
                 sb.flags.consistent = true;
                 sb.flags.outdated = false;
             })?;
