@@ -659,19 +659,30 @@ impl Node {
         }
     }
 
-    /// A primary without a valid lease and without the peer stops (true).
+    /// A primary without a valid lease and without the peer stops (true). Its data stays
+    /// UpToDate if the peer is marked outdated: the witness refuses the peer any epoch (short
+    /// of an operator's force), so nobody can have written what this copy lacks.
     fn lease_ran_out(&self) -> bool {
         if !self.lease_valid() && self.link().is_none() {
-            self.lose_primary("the lease expired and the peer is not connected".into());
+            let stale = !self.meta().superblock().flags.peer_outdated;
+            self.step_down(
+                "the lease expired and the peer is not connected".into(),
+                stale,
+            );
             return true;
         }
         false
     }
 
     /// Stop being primary because this node may no longer acknowledge writes: held writes
-    /// fail, NBD clients are disconnected, and the local data counts as Outdated (it may hold
-    /// writes nobody acknowledged).
+    /// fail, NBD clients are disconnected, and the local data counts as Outdated (another node
+    /// may hold the epoch now and have written what this copy lacks).
     pub(crate) fn lose_primary(&self, why: String) {
+        self.step_down(why, true);
+    }
+
+    /// `lose_primary`; `stale`: mark the data Outdated.
+    fn step_down(&self, why: String, stale: bool) {
         *self.lease_until.lock().unwrap() = None;
         self.set_fence(Fence::Lost(why.clone()));
         {
@@ -688,7 +699,9 @@ impl Node {
         }) {
             tracing::error!("recording the demotion failed: {e}");
         }
-        self.outdate_myself(&why);
+        if stale {
+            self.outdate_myself(&why);
+        }
         tracing::error!("demoted to secondary: {why}");
         self.event("role", json!({"role": "secondary", "reason": why}));
         if let Some(kick) = self.kick_clients.get() {

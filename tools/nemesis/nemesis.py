@@ -663,12 +663,18 @@ class Nemesis:
                 forced = True
                 cand = [n for n, x in st.items() if x["disk"] == "UpToDate"] or ["alpha"]
                 rc, out = self.op(cand[0], "primary", "--force", timeout=30)
-                self.finding("converge", f"no node could be promoted {FORCE_AFTER_S:.0f} s after "
+                # Both copies stale with nobody primary is an outcome tandem must report
+                # (status failover.no_promotable, issue 11 B): reported, the operator's force
+                # is the documented way out and only a note; unreported, it is a failure.
+                reported = all(x["failover"].get("no_promotable") for x in st.values())
+                self.finding("converge" if not reported else "no-promotable-reported",
+                             f"no node could be promoted {FORCE_AFTER_S:.0f} s after "
                              f"{after} (both answering, neither primary): " + json.dumps(
                                  {n: {k: x[k] for k in ("role", "epoch", "connection", "disk",
                                                         "out_of_sync_bytes", "failover")}
                                   for n, x in st.items()})
-                             + f"; the operator forced {cand[0]} (exit {rc})")
+                             + f"; the operator forced {cand[0]} (exit {rc})",
+                             failing=not reported)
                 self.last_primary_seen = time.time()
             time.sleep(0.5)
         else:
