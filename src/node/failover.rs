@@ -236,16 +236,7 @@ impl Node {
             }
             return;
         }
-        let st = self.state();
-        let blocked = auto_promotion_blocked(
-            self.cfg.failover.auto,
-            self.cfg.failover.fencing,
-            st.disk,
-            st.role,
-            peer_was_primary,
-        );
-        drop(st);
-        match blocked {
+        match self.takeover_blocked(peer_was_primary) {
             Some(why) if peer_was_primary => self.set_note(Some(format!("not promoting: {why}"))),
             Some(_) => {}
             None => {
@@ -457,6 +448,18 @@ impl Node {
         }
     }
 
+    /// `auto_promotion_blocked` for this node as it stands.
+    fn takeover_blocked(&self, peer_was_primary: bool) -> Option<String> {
+        let st = self.state();
+        auto_promotion_blocked(
+            self.cfg.failover.auto,
+            self.cfg.failover.fencing,
+            st.disk,
+            st.role,
+            peer_was_primary,
+        )
+    }
+
     /// Connected to a secondary peer, UpToDate, and this node lost the primary role without
     /// an operator asking while nobody took it over (e.g. its lease ran out during a link cut
     /// while the witness was down, and the peer's promotion was refused): take it back, the
@@ -465,16 +468,10 @@ impl Node {
         let peer_secondary = self
             .link()
             .is_some_and(|l| l.peer.lock().unwrap().role == Role::Secondary);
-        let st = self.state();
-        let blocked = auto_promotion_blocked(
-            self.cfg.failover.auto,
-            self.cfg.failover.fencing,
-            st.disk,
-            st.role,
-            true,
-        );
-        drop(st);
-        if peer_secondary && blocked.is_none() && self.lost_primary_role.load(Ordering::Relaxed) {
+        if peer_secondary
+            && self.takeover_blocked(true).is_none()
+            && self.lost_primary_role.load(Ordering::Relaxed)
+        {
             tracing::warn!("nobody took over the primary role this node lost: taking it back");
             let n = self.clone();
             tokio::spawn(async move { n.auto_promote().await });
