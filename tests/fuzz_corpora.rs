@@ -2,8 +2,8 @@
 //! crashed a target (`fuzz/regressions/<target>/`) through the same `tandem::fuzzing`
 //! functions the cargo-fuzz targets call, on stable Rust. See `fuzz/README.md`.
 //!
-//! `cargo test --test fuzz_corpora -- --ignored regenerate_seeds` rewrites the seed inputs
-//! (`fuzz/corpus/<target>/seed-*`) from the crate's own encoders.
+//! `cargo run --example fuzz_seeds` rewrites the seed inputs (`fuzz/corpus/<target>/seed-*`)
+//! from the crate's own encoders.
 
 use std::path::{Path, PathBuf};
 
@@ -83,25 +83,5 @@ fn seeds_pass_their_targets() {
         if std::panic::catch_unwind(|| f(data)).is_err() {
             panic!("seed {target}/{name} fails its target");
         }
-    }
-}
-
-/// Writes `fuzz/corpus/<target>/seed-<name>` for every seed (replacing older seed files).
-#[test]
-#[ignore = "writes files: run explicitly to regenerate the seeds"]
-fn regenerate_seeds() {
-    let dir = fuzz_dir().join("corpus");
-    for &target in fuzzing::TARGETS {
-        let d = dir.join(target);
-        std::fs::create_dir_all(&d).unwrap();
-        for p in files(&d) {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            if name.starts_with("seed-") {
-                std::fs::remove_file(p).unwrap();
-            }
-        }
-    }
-    for (target, name, data) in fuzzing::seeds() {
-        std::fs::write(dir.join(target).join(format!("seed-{name}")), data).unwrap();
     }
 }

@@ -80,29 +80,27 @@ impl Pair {
 
     /// Run `tandem CMD -c CONFIG -n NODE ARGS...`.
     pub fn tandem(&self, node: &str, args: &[&str]) -> Output {
+        self.command(node, args).output().unwrap()
+    }
+
+    /// `tandem CMD -c CONFIG -n NODE ARGS...`, not started.
+    fn command(&self, node: &str, args: &[&str]) -> Command {
         let (cmd, rest) = args.split_first().unwrap();
-        Command::new(tandem_bin())
-            .arg(cmd)
+        let mut c = Command::new(tandem_bin());
+        c.arg(cmd)
             .arg("-c")
             .arg(&self.config)
             .arg("-n")
             .arg(node)
-            .args(rest)
-            .output()
-            .unwrap()
+            .args(rest);
+        c
     }
 
     /// Like `tandem`, but gives up after `secs` (None): a hung node must fail a test, not
     /// hang it.
     pub fn tandem_within(&self, node: &str, args: &[&str], secs: u64) -> Option<Output> {
-        let (cmd, rest) = args.split_first().unwrap();
-        let mut child = Command::new(tandem_bin())
-            .arg(cmd)
-            .arg("-c")
-            .arg(&self.config)
-            .arg("-n")
-            .arg(node)
-            .args(rest)
+        let mut child = self
+            .command(node, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
