@@ -212,3 +212,93 @@ fn attach_leaves_a_stopped_primary_for_the_new_one_while_it_is_still_stopped() {
     std::thread::sleep(Duration::from_millis(300));
     p.assert_identical();
 }
+
+/// D (issue 11, found by the nemesis: seeds 33 and 1001): the witness and the secondary stop
+/// together. The primary's lease runs out while its request to outdate the peer waits at the
+/// stopped witness, so it steps down and calls its copy Outdated; then it restarts (so only
+/// its metadata says why). The witness resumes and grants that request after all (the peer
+/// is outdated there; the primary keeps the epoch), and the peer resumes to find itself
+/// outdated. Before the fix both copies stayed Outdated, identical, with nobody primary
+/// until an operator forced one. Now the node the witness names the holder calls its copy
+/// UpToDate again and takes the role back, with no operator.
+#[test]
+fn copies_outdated_by_a_late_witness_answer_recover_without_an_operator() {
+    let (mut p, w) = witnessed_pair(32 * M);
+    let checker = Checker::start(p.dir.path(), "late-outdate", &uris(&p), 2048, 16);
+    std::thread::sleep(Duration::from_secs(1));
+    // The witness stops after the peer but before the primary notices the peer is gone
+    // (ping_timeout 500 ms), so its request to outdate the peer is likely the one the
+    // witness holds (a lease renewal sent after the stop takes that place otherwise).
+    signal(&p, "beta", Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    w.signal(Signal::SIGSTOP);
+    p.wait_for("alpha", "its lease to run out", 20, |s| {
+        s["role"] == "secondary" && s["disk"] == "Outdated"
+    });
+    p.kill9("alpha");
+    w.signal(Signal::SIGCONT);
+    signal(&p, "beta", Signal::SIGCONT);
+    p.wait_for("beta", "the lost primary", 20, |s| s["peer"].is_null());
+    p.up("alpha");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (a, b) = (status_within(&p, "alpha"), status_within(&p, "beta"));
+        let primaries = [&a, &b].iter().filter(|s| s["role"] == "primary").count();
+        let settled = |s: &serde_json::Value| {
+            s["connection"] == "Connected" && s["disk"] == "UpToDate" && s["out_of_sync_bytes"] == 0
+        };
+        if primaries == 1 && settled(&a) && settled(&b) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no primary with both copies UpToDate 30 s after the faults healed\nalpha: {a}\nbeta: {b}\nlog alpha:\n{}\nlog beta:\n{}",
+            p.log("alpha"),
+            p.log("beta")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let summary = checker.finish();
+    eprintln!("{summary}");
+    p.wait_in_sync(60);
+    for n in ["alpha", "beta"] {
+        assert_eq!(p.status(n)["split_brain"], false);
+        assert!(p.status(n)["failover"]["no_promotable"].is_null());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    p.assert_identical();
+}
+
+/// E (issue 11): as D, but the peer is killed instead of resumed, so there is no pair to
+/// settle. The old primary's lease ran out while the witness was stopped; once the witness
+/// answers and still names it the holder of the epoch, nobody took over and its copy holds
+/// every acknowledged write: it must be UpToDate again (before the fix it stayed Outdated,
+/// and with the peer back both were Outdated), and take the role back when the peer returns.
+#[test]
+fn a_primary_whose_lease_lapsed_is_up_to_date_once_the_witness_says_nobody_took_over() {
+    let (mut p, w) = witnessed_pair(32 * M);
+    let checker = Checker::start(p.dir.path(), "lapse", &[p.uri("alpha")], 2048, 16);
+    std::thread::sleep(Duration::from_secs(1));
+    w.signal(Signal::SIGSTOP);
+    signal(&p, "beta", Signal::SIGSTOP);
+    p.wait_for("alpha", "its lease to run out", 20, |s| {
+        s["role"] == "secondary" && s["disk"] == "Outdated"
+    });
+    p.kill9("beta");
+    w.signal(Signal::SIGCONT);
+    p.wait_for("alpha", "its copy to be UpToDate again", 20, |s| {
+        s["disk"] == "UpToDate"
+    });
+    p.up("beta");
+    p.wait_for("alpha", "the primary role back", 30, |s| {
+        s["role"] == "primary"
+    });
+    let summary = checker.finish();
+    eprintln!("{summary}");
+    p.wait_in_sync(60);
+    for n in ["alpha", "beta"] {
+        assert_eq!(p.status(n)["split_brain"], false);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    p.assert_identical();
+}

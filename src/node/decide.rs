@@ -60,6 +60,7 @@ use std::fmt;
 use crate::meta::gen::{hex, Generations, JUST_CREATED, PRIMARY_BIT};
 use crate::node::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use crate::node::{DiskState, Role};
+use crate::repl::proto::PeerState;
 
 /// One side of the handshake, as it stands when the two nodes connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +77,21 @@ pub struct Side {
     pub discard_my_data: bool,
     /// Node name (for discard-node-NAME and the deterministic tie-breaks).
     pub node: String,
+}
+
+impl Side {
+    /// `node`'s side as its state message describes it.
+    pub fn of(node: &str, s: &PeerState) -> Self {
+        Self {
+            gens: s.gens,
+            role: s.role,
+            disk: s.disk,
+            crashed_primary: s.crashed_primary,
+            out_of_sync_bytes: s.out_of_sync_bytes,
+            discard_my_data: s.discard_my_data,
+            node: node.to_owned(),
+        }
+    }
 }
 
 /// Which way a resync goes, from the point of view of the side that asked.
@@ -875,6 +891,55 @@ pub fn nobody_promotable(me: &Side, peer: &Side) -> Option<String> {
         peer.node,
         peer.disk.as_str()
     ))
+}
+
+/// What the witness answered to `Query`: the epoch, its holder (kept after the lease lapsed,
+/// until someone else acquires or the holder releases) and the nodes marked outdated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessView {
+    pub epoch: u64,
+    pub holder: Option<String>,
+    pub outdated: Vec<String>,
+}
+
+impl WitnessView {
+    /// `node` holds the epoch (its lease may have lapsed) and is not marked outdated.
+    pub fn names_holder(&self, node: &str) -> bool {
+        self.holder.as_deref() == Some(node) && !self.outdated.iter().any(|n| n == node)
+    }
+}
+
+/// Connected, no primary, no UpToDate copy, and the two copies are the same: equal current
+/// generations and nothing out of sync on either side (e.g. a primary whose lease ran out
+/// while its request outdating the peer waited at a stopped witness). May `me` call its copy
+/// UpToDate again? Only the node the witness names as the holder of the epoch, and that it
+/// has not marked outdated: the peer is not the holder, so every write acknowledged since
+/// the peer last held an epoch was written on `me`'s copy first, and the peer's copy is the
+/// same, so no newer data exists anywhere. The witness still decides the promotion that
+/// follows. Returns why, or None.
+pub fn reclaim_identical_copy(me: &Side, peer: &Side, w: &WitnessView) -> Option<String> {
+    let stale = |d: DiskState| matches!(d, DiskState::Outdated | DiskState::Consistent);
+    let same = me.gens.current & !PRIMARY_BIT == peer.gens.current & !PRIMARY_BIT
+        && me.out_of_sync_bytes == 0
+        && peer.out_of_sync_bytes == 0;
+    let nobody_primary = me.role != Role::Primary && peer.role != Role::Primary;
+    let holder = w.names_holder(&me.node);
+    (stale(me.disk)
+        && !matches!(peer.disk, DiskState::UpToDate)
+        && same
+        && nobody_primary
+        && holder)
+        .then(|| {
+            format!(
+                "{} holds the same data as {} ({}), nothing is out of sync, and the witness \
+                 names {} the holder of epoch {}: no newer copy exists",
+                me.node,
+                peer.node,
+                peer.disk.as_str(),
+                me.node,
+                w.epoch
+            )
+        })
 }
 
 #[cfg(test)]
@@ -1962,5 +2027,69 @@ mod tests {
             &default_policy(),
         );
         assert!(matches!(v, Verdict::Refuse { .. }), "{v:?}");
+    }
+
+    fn view(holder: Option<&str>, outdated: &[&str]) -> WitnessView {
+        WitnessView {
+            epoch: 3,
+            holder: holder.map(str::to_owned),
+            outdated: outdated.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn only_the_witness_holder_reclaims_an_identical_outdated_copy() {
+        let gens = g(A, 0, H, 0);
+        let a = alpha(gens).disk(DiskState::Outdated);
+        let b = beta(gens).disk(DiskState::Outdated);
+        let w = view(Some("alpha"), &["beta"]);
+        assert!(reclaim_identical_copy(&a, &b, &w).is_some());
+        assert_eq!(reclaim_identical_copy(&b, &a, &w), None);
+        // The primary bit does not make copies differ.
+        let ap = alpha(g(A | P, 0, H, 0)).disk(DiskState::Outdated);
+        assert!(reclaim_identical_copy(&ap, &b, &w).is_some());
+        // Not the same data, or someone could still write, or already promotable.
+        assert_eq!(
+            reclaim_identical_copy(&a.clone().changes(4096), &b, &w),
+            None
+        );
+        assert_eq!(
+            reclaim_identical_copy(&a, &b.clone().changes(4096), &w),
+            None
+        );
+        let newer = alpha(g(B, A, H, 0)).disk(DiskState::Outdated);
+        assert_eq!(reclaim_identical_copy(&newer, &b, &w), None);
+        assert_eq!(reclaim_identical_copy(&a, &b.clone().primary(), &w), None);
+        assert_eq!(reclaim_identical_copy(&a, &beta(gens), &w), None);
+        let inconsistent = alpha(gens).disk(DiskState::Inconsistent);
+        assert_eq!(reclaim_identical_copy(&inconsistent, &b, &w), None);
+        // The witness must name this node, and not as outdated.
+        assert_eq!(reclaim_identical_copy(&a, &b, &view(None, &[])), None);
+        assert_eq!(
+            reclaim_identical_copy(&a, &b, &view(Some("beta"), &[])),
+            None
+        );
+        assert_eq!(
+            reclaim_identical_copy(&a, &b, &view(Some("alpha"), &["alpha"])),
+            None
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn at_most_one_side_reclaims_and_never_a_differing_copy(
+            (a, b) in arb_pair(arb_gens()),
+            holder in prop::option::of(prop::sample::select(vec!["alpha", "beta", "gamma"])),
+            marked in prop::sample::subsequence(vec!["alpha", "beta"], 0..=2),
+        ) {
+            let w = view(holder, &marked);
+            let (x, y) = (reclaim_identical_copy(&a, &b, &w), reclaim_identical_copy(&b, &a, &w));
+            prop_assert!(x.is_none() || y.is_none());
+            if x.is_some() {
+                prop_assert_eq!(a.out_of_sync_bytes + b.out_of_sync_bytes, 0);
+                prop_assert_eq!(a.gens.current & !PRIMARY_BIT, b.gens.current & !PRIMARY_BIT);
+                prop_assert!(nobody_promotable(&a, &b).is_some());
+            }
+        }
     }
 }

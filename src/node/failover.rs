@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
 use super::runtime::{Node, Refused};
 use super::{DiskState, Role};
 use crate::config::Fencing;
@@ -267,6 +268,11 @@ impl Node {
                         peer: self.peer_cfg.name.clone(),
                     };
                     match self.witness(req).await {
+                        // The lease ran out during the round trip (see `resolve_lapse`).
+                        Ok(WReply::PeerOutdated { .. }) if self.role() != Role::Primary => {
+                            self.record_peer_outdated();
+                            return;
+                        }
                         Ok(WReply::PeerOutdated { .. }) => {
                             self.renewed(sent);
                             self.record_peer_outdated();
@@ -323,6 +329,57 @@ impl Node {
             }
             tokio::time::sleep(self.fence_retry()).await;
         }
+    }
+
+    /// This primary's lease ran out without the peer (the witness was stopped or out of reach),
+    /// so it stepped down and called its copy Outdated: another node might have taken over.
+    /// Ask the witness until it answers. If it still names this node the holder of the same
+    /// epoch, nobody took over, and every acknowledged write is on this copy: it is UpToDate.
+    /// Gives up if the copy changes meanwhile (a resync, another reason to be Outdated).
+    fn resolve_lapse(self: &Arc<Self>, epoch: u64) {
+        let n = self.clone();
+        tokio::spawn(async move {
+            let still = || {
+                n.lapsed_in.load(Ordering::Relaxed) == epoch + 1
+                    && n.state().disk == DiskState::Outdated
+                    && n.meta().superblock().epoch == epoch
+            };
+            let Some(w) = n.witness_view(still).await else {
+                return;
+            };
+            if w.epoch == epoch && w.names_holder(&n.me.name) && still() {
+                n.outdated_no_more(&format!(
+                    "the witness still names this node the holder of epoch {epoch}: nobody \
+                     took over after its lease ran out"
+                ));
+            }
+        });
+    }
+
+    /// The witness's state, asked again while it is unreachable and `wanted()` holds.
+    async fn witness_view(&self, wanted: impl Fn() -> bool) -> Option<WitnessView> {
+        while wanted() {
+            match self.witness(WRequest::Query).await {
+                Ok(WReply::State {
+                    epoch,
+                    holder,
+                    outdated,
+                    ..
+                }) => {
+                    return Some(WitnessView {
+                        epoch,
+                        holder,
+                        outdated,
+                    })
+                }
+                Ok(other) => {
+                    tracing::warn!("unexpected witness reply to a query: {other:?}");
+                    return None;
+                }
+                Err(_) => tokio::time::sleep(self.fence_retry()).await,
+            }
+        }
+        None
     }
 
     fn fence_retry(&self) -> Duration {
@@ -478,6 +535,59 @@ impl Node {
         }
     }
 
+    /// Connected to a peer whose copy is the same as this one, with neither UpToDate and
+    /// nobody primary: nobody may promote without `--force`, forever. Ask the witness whether
+    /// this node is the one whose copy no other can be newer than
+    /// (`decide::reclaim_identical_copy`); if so, call it UpToDate again, take the role back
+    /// like a node that lost it, and drop the link so the next handshake lifts the peer too.
+    /// Called when a handshake or a resync ends; retries while the witness is unreachable.
+    pub(crate) fn settle_identical_pair(self: &Arc<Self>) {
+        if self.cfg.failover.fencing != Fencing::Witness || self.identical_pair().is_none() {
+            return;
+        }
+        let n = self.clone();
+        tokio::spawn(async move {
+            let Some(w) = n.witness_view(|| n.identical_pair().is_some()).await else {
+                return;
+            };
+            // Still the same pair after the round trip.
+            let Some(peer) = n.identical_pair() else {
+                return;
+            };
+            let me = Side::of(&n.me.name, &n.my_peer_state());
+            if let Some(why) = reclaim_identical_copy(&me, &peer, &w) {
+                n.reclaim_copy(&why).await;
+            }
+        });
+    }
+
+    /// The peer's side, if the two nodes are connected, nobody is promotable and nothing is
+    /// out of sync on either side (the precondition of `reclaim_identical_copy`).
+    fn identical_pair(&self) -> Option<Side> {
+        let link = self.link()?;
+        let peer = Side::of(&self.peer_cfg.name, &link.peer.lock().unwrap());
+        let me = Side::of(&self.me.name, &self.my_peer_state());
+        let connected = self.state().conn == super::runtime::Conn::Connected;
+        (connected
+            && nobody_promotable(&me, &peer).is_some()
+            && me.out_of_sync_bytes == 0
+            && peer.out_of_sync_bytes == 0)
+            .then_some(peer)
+    }
+
+    async fn reclaim_copy(self: &Arc<Self>, why: &str) {
+        if !self.outdated_no_more(why) {
+            return;
+        }
+        // The witness's holder: nobody took over from it, so it takes the role back.
+        self.lost_primary_role.store(true, Ordering::Relaxed);
+        self.drop_link(
+            "reconnecting: my copy is UpToDate again",
+            "reconnecting: this copy is UpToDate again",
+        )
+        .await;
+    }
+
     /// The peer is connected, UpToDate and not resyncing: it keeps every write of a new epoch.
     fn peer_connected_in_sync(&self) -> bool {
         self.link()
@@ -487,6 +597,7 @@ impl Node {
 
     /// Mark this node's data Outdated (persisted): it will not promote automatically.
     pub(crate) fn outdate_myself(&self, why: &str) {
+        self.lapsed_in.store(0, Ordering::Relaxed);
         if let Err(e) = self.meta().update(|sb| sb.flags.outdated = true) {
             tracing::error!("recording the outdated disk failed: {e}");
         }
@@ -496,6 +607,19 @@ impl Node {
             drop(st);
             self.event("disk", json!({"disk": "Outdated", "reason": why}));
         }
+    }
+
+    /// Undo `outdate_myself` (persisted first); false if that failed.
+    fn outdated_no_more(&self, why: &str) -> bool {
+        self.lapsed_in.store(0, Ordering::Relaxed);
+        if let Err(e) = self.meta().update(|sb| sb.flags.outdated = false) {
+            tracing::error!("recording the UpToDate copy failed: {e}");
+            return false;
+        }
+        self.state().disk = DiskState::UpToDate;
+        tracing::warn!("data UpToDate again: {why}");
+        self.event("disk", json!({"disk": "UpToDate", "reason": why}));
+        true
     }
 
     /// Ask the witness for the next epoch. `peer_in_sync`: the peer is connected and UpToDate,
@@ -597,7 +721,12 @@ impl Node {
         self.announce().await;
         // The peer was marked outdated on the way here but caught up meanwhile (its resync
         // ended before this node was primary, so that lift was not this node's to do).
-        if self.peer_connected_in_sync() && self.meta().superblock().flags.peer_outdated {
+        // The witness may hold a mark this node's metadata does not know of (an outdate
+        // request that timed out here but reached the witness later): always clear it.
+        if self.peer_connected_in_sync()
+            && (self.meta().superblock().flags.peer_outdated
+                || self.cfg.failover.fencing == Fencing::Witness)
+        {
             let n = self.clone();
             tokio::spawn(async move { n.peer_in_sync().await });
         }
@@ -659,13 +788,18 @@ impl Node {
     /// A primary without a valid lease and without the peer stops (true). Its data stays
     /// UpToDate if the peer is marked outdated: the witness refuses the peer any epoch (short
     /// of an operator's force), so nobody can have written what this copy lacks.
-    fn lease_ran_out(&self) -> bool {
+    fn lease_ran_out(self: &Arc<Self>) -> bool {
         if !self.lease_valid() && self.link().is_none() {
             let stale = !self.meta().superblock().flags.peer_outdated;
             self.step_down(
                 "the lease expired and the peer is not connected".into(),
                 stale,
             );
+            if stale {
+                let epoch = self.meta().superblock().epoch;
+                self.lapsed_in.store(epoch + 1, Ordering::Relaxed);
+                self.resolve_lapse(epoch);
+            }
             return true;
         }
         false

@@ -178,6 +178,9 @@ pub struct Node {
     /// This node lost the primary role without an operator asking (lease, supersession):
     /// if nobody took over, it takes the role back once it is connected and UpToDate.
     pub(crate) lost_primary_role: std::sync::atomic::AtomicBool,
+    /// Epoch + 1 while this copy is Outdated only because this node's lease ran out as
+    /// primary of that epoch (0 otherwise): the witness may still prove it UpToDate.
+    pub(crate) lapsed_in: std::sync::atomic::AtomicU64,
     /// A switchover is draining this primary: new NBD clients are refused.
     pub switching: std::sync::atomic::AtomicBool,
 }
@@ -237,6 +240,7 @@ impl Node {
             switching: std::sync::atomic::AtomicBool::new(false),
             primary_when_peer_lost: std::sync::atomic::AtomicBool::new(false),
             lost_primary_role: std::sync::atomic::AtomicBool::new(false),
+            lapsed_in: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

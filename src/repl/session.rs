@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::link::{Link, LinkLost, Reply};
 use super::proto::{
-    self, read_frame, write_control, Frame, HandshakeError, Identity, Kind, Message, PeerState,
+    self, read_frame, write_control, Frame, HandshakeError, Identity, Kind, Message,
 };
 use crate::node::decide::{handshake as decide, peer_claim, Direction, PeerClaim, Side, Verdict};
 use crate::node::runtime::{Conn, Node, Progress};
@@ -191,8 +191,8 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     node.adopt_epoch(peer.epoch);
 
     let verdict = decide(
-        &side(&node.me.name, &mine),
-        &side(&node.peer_cfg.name, &peer),
+        &Side::of(&node.me.name, &mine),
+        &Side::of(&node.peer_cfg.name, &peer),
         &node.cfg.split_brain,
     );
     let explain = verdict.explain();
@@ -203,8 +203,8 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             // peer had not flushed when the link was lost).
             let leftover = mine.out_of_sync_bytes + peer.out_of_sync_bytes > 0;
             if leftover {
-                let me_side = side(&node.me.name, &mine);
-                let peer_side = side(&node.peer_cfg.name, &peer);
+                let me_side = Side::of(&node.me.name, &mine);
+                let peer_side = Side::of(&node.peer_cfg.name, &peer);
                 match crate::node::decide::leftover_direction(&me_side, &peer_side) {
                     Ok(Direction::Source) => (Conn::SyncSource, false),
                     Ok(Direction::Target) => (Conn::SyncTarget, false),
@@ -311,6 +311,8 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
         st.last_refusal = None;
         if conn == Conn::SyncTarget {
             st.disk = DiskState::Inconsistent;
+            // Whatever the copy was, it becomes the source's.
+            node.lapsed_in.store(0, Ordering::Relaxed);
         }
         let total = node.meta().out_of_sync_bytes();
         if matches!(conn, Conn::SyncSource | Conn::SyncTarget) {
@@ -319,8 +321,8 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     }
     tracing::info!("connected to {} as {}", node.peer_cfg.name, conn.as_str());
     if let Some(why) = crate::node::decide::nobody_promotable(
-        &side(&node.me.name, &node.my_peer_state()),
-        &side(&node.peer_cfg.name, &link.peer.lock().unwrap()),
+        &Side::of(&node.me.name, &node.my_peer_state()),
+        &Side::of(&node.peer_cfg.name, &link.peer.lock().unwrap()),
     ) {
         tracing::error!("{why}");
         node.event("failover", json!({"no_promotable": why}));
@@ -335,6 +337,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
         tokio::spawn(async move { n.peer_in_sync().await });
     }
     node.retake_lost_role();
+    node.settle_identical_pair();
     let last_rx = Arc::new(AtomicU64::new(now_ms()));
     tokio::spawn(ping_loop(node.clone(), link.clone(), last_rx.clone()));
     tokio::spawn(peer_flush_loop(
@@ -350,18 +353,6 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     };
     node.link_lost(&link, &reason, orderly);
     Ok(())
-}
-
-fn side(name: &str, s: &PeerState) -> Side {
-    Side {
-        gens: s.gens,
-        role: s.role,
-        disk: s.disk,
-        crashed_primary: s.crashed_primary,
-        out_of_sync_bytes: s.out_of_sync_bytes,
-        discard_my_data: s.discard_my_data,
-        node: name.to_owned(),
-    }
 }
 
 fn now_ms() -> u64 {
@@ -511,6 +502,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     resync_finished_as_target(node, gens, source);
                     node.announce().await;
                     node.retake_lost_role();
+                    node.settle_identical_pair();
                 }
                 Message::State(ps) => {
                     let my_epoch = node.meta().superblock().epoch;
@@ -534,6 +526,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         let n = node.clone();
                         tokio::spawn(async move { n.peer_in_sync().await });
                     }
+                    // E.g. a resync between two Outdated copies ended on the peer's side.
+                    node.settle_identical_pair();
                 }
                 Message::TakeOver { seq } => {
                     let n = node.clone();
@@ -727,6 +721,8 @@ pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
         }
         st.resync.take()
     };
+    // The target's view of this node still has the bits of the handshake.
+    node.announce().await;
     let (synced, sent, secs) = done.map_or((0, 0, 0.0), |p| {
         (
             p.done_bytes,
