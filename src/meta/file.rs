@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::actlog::{ActLog, RingState, UPDATES_PER_TX};
 use super::bitmap::{Bitmap, BmFault};
 use super::error::MetaError;
+use super::fault::MetaPoint;
 use super::gen::{hex, Generations};
 use super::superblock::{
     check_geometry, check_name, Layout, MetaFlags, SbFault, Superblock, BITS_PER_EXTENT,
@@ -75,6 +76,8 @@ pub struct Meta {
     al_on_disk: bool,
     recovery: Recovery,
     stats: MetaStats,
+    /// Injected failures (tests, `up --fault-file`).
+    faults: Option<std::sync::Arc<super::fault::MetaFaults>>,
     #[cfg(test)]
     pub(crate) events: Vec<IoEvent>,
 }
@@ -591,6 +594,7 @@ impl Meta {
             al_on_disk,
             recovery,
             stats: MetaStats::default(),
+            faults: None,
             #[cfg(test)]
             events: Vec::new(),
         };
@@ -883,7 +887,31 @@ impl Meta {
 
     // ---- writing -----------------------------------------------------------------------
 
+    /// Fail from here on wherever `faults` says (see `meta::fault`).
+    pub fn set_faults(&mut self, faults: std::sync::Arc<super::fault::MetaFaults>) {
+        self.faults = Some(faults);
+    }
+
+    fn injected(&self, point: MetaPoint, op: String) -> Result<(), MetaError> {
+        match self.faults.as_ref().and_then(|f| f.check(point)) {
+            Some(errno) => Err(MetaError::io(
+                &self.path,
+                format!("{op} (injected fault)"),
+                std::io::Error::from_raw_os_error(errno),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn write(&mut self, block: u64, data: &[u8]) -> Result<(), MetaError> {
+        let point = if block == 0 {
+            MetaPoint::Superblock
+        } else if block < self.layout.bm_offset {
+            MetaPoint::ActivityLog
+        } else {
+            MetaPoint::Bitmap
+        };
+        self.injected(point, format!("writing block {block}"))?;
         #[cfg(test)]
         self.events.push(IoEvent::Write {
             block,
@@ -895,6 +923,7 @@ impl Meta {
     }
 
     fn sync(&mut self) -> Result<(), MetaError> {
+        self.injected(MetaPoint::Sync, "fdatasync".into())?;
         #[cfg(test)]
         self.events.push(IoEvent::Sync);
         self.stats.syncs += 1;

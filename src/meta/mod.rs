@@ -28,6 +28,7 @@
 pub mod actlog;
 pub mod bitmap;
 mod error;
+pub mod fault;
 mod file;
 pub mod gen;
 pub mod superblock;

@@ -444,9 +444,8 @@ impl Node {
                                 "{} was lost; the witness granted epoch {epoch}",
                                 self.peer_cfg.name
                             );
-                            self.become_primary(Some(epoch), &why, false).await;
+                            self.auto_become_primary(Some(epoch), &why).await;
                             drop(gate);
-                            self.set_note(None);
                             return;
                         }
                         Err(Acquire::Outdated(why)) => {
@@ -475,17 +474,15 @@ impl Node {
                 // The old primary is back as a secondary: nothing to fence.
                 Fencing::Handler if self.link().is_some() => {
                     let why = format!("{} stepped down", self.peer_cfg.name);
-                    self.become_primary(None, &why, false).await;
+                    self.auto_become_primary(None, &why).await;
                     drop(gate);
-                    self.set_note(None);
                     return;
                 }
                 Fencing::Handler => match handler::decide(&self.run_handler().await, true) {
                     HandlerDecision::PeerFenced(why) => {
                         self.record_peer_outdated();
-                        self.become_primary(None, &why, false).await;
+                        self.auto_become_primary(None, &why).await;
                         drop(gate);
-                        self.set_note(None);
                         return;
                     }
                     HandlerDecision::OutdateMyself(why) => {
@@ -675,6 +672,12 @@ impl Node {
         }
     }
 
+    /// `become_primary` for an automatic promotion: a failure is what status shows.
+    async fn auto_become_primary(self: &Arc<Self>, epoch: Option<u64>, why: &str) {
+        let failed = self.become_primary(epoch, why, false).await.err();
+        self.set_note(failed.map(|e| format!("not promoting: {e}")));
+    }
+
     /// Take the primary role for `epoch` (persisted first). The new data generation is made
     /// lazily, before the first write acknowledged without the peer.
     pub(crate) async fn become_primary(
@@ -682,7 +685,7 @@ impl Node {
         epoch: Option<u64>,
         why: &str,
         forced: bool,
-    ) {
+    ) -> Result<(), String> {
         let r = self.meta().update(|sb| {
             if let Some(e) = epoch {
                 sb.epoch = sb.epoch.max(e);
@@ -692,8 +695,15 @@ impl Node {
             sb.gens.set_primary(true);
         });
         if let Err(e) = r {
-            tracing::error!("cannot record the promotion: {e}");
-            return;
+            // Not primary: a node that cannot persist its epoch and generation must not
+            // acknowledge writes under them.
+            let why = format!("cannot record the promotion: {e}");
+            tracing::error!("{why}");
+            self.event(
+                "role",
+                json!({"role": "secondary", "promotion_failed": why}),
+            );
+            return Err(why);
         }
         let fence = if self.link().is_some() {
             Fence::Clear
@@ -730,6 +740,7 @@ impl Node {
             let n = self.clone();
             tokio::spawn(async move { n.peer_in_sync().await });
         }
+        Ok(())
     }
 
     /// Renew the lease at a third of its length while primary for `epoch`. Without a lease

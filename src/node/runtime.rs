@@ -552,7 +552,9 @@ impl Node {
             drop(meta);
             self.state().disk = DiskState::UpToDate;
         }
-        self.become_primary(epoch, &why, force).await;
+        self.become_primary(epoch, &why, force)
+            .await
+            .map_err(Refused::error)?;
         if new_data {
             // Re-run the sync handshake so the peer becomes the sync target at once.
             self.drop_link(

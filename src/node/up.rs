@@ -9,10 +9,11 @@ use super::runtime::Node;
 use super::Role;
 use crate::cli::Failure;
 use crate::config::Config;
+use crate::meta::fault::{MetaFault, MetaFaults};
 use crate::meta::Meta;
 use crate::nbd::{self, Listener};
 use crate::repl::replicated::ReplicatedStore;
-use crate::store::{self, BackingOptions, EngineChoice, FaultStore, SharedStore};
+use crate::store::{self, BackingOptions, EngineChoice, FaultRule, FaultStore, SharedStore};
 
 pub async fn up(
     config: &Path,
@@ -39,7 +40,7 @@ pub async fn up(
     let backing =
         store::open_backing(&me.disk, &BackingOptions::default()).map_err(|e| e.to_string())?;
     let size = backing.size;
-    let meta = Meta::open(&me.meta, &cfg.resource.name, &me.name, size)
+    let mut meta = Meta::open(&me.meta, &cfg.resource.name, &me.name, size)
         .map_err(|e| Failure::error(e.to_string()))?;
     let recovery = meta.recovery();
     if recovery.unclean {
@@ -54,28 +55,19 @@ pub async fn up(
     let mut local = store::open_store(backing, EngineChoice::Auto)
         .map_err(|e| format!("{}: {e}", me.disk.display()))?;
     if let (Some(path), Some(mut hangup)) = (fault_file, hangup) {
-        let rules = FaultStore::load_rules_file(path)?;
-        tracing::warn!(
-            "fault injection (testing) from {}: {} rule(s) {:?}; SIGHUP reloads it",
-            path.display(),
-            rules.len(),
-            rules.iter().map(ToString::to_string).collect::<Vec<_>>()
-        );
+        let (rules, meta_rules) = load_fault_file(path)?;
         let faults = Arc::new(FaultStore::new(local, rules));
         local = faults.clone() as SharedStore;
+        let meta_faults = Arc::new(MetaFaults::new(meta_rules));
+        meta.set_faults(meta_faults.clone());
         let path = path.to_path_buf();
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 // A bad file keeps the rules in force: a half-written change never applies.
-                match FaultStore::load_rules_file(&path) {
-                    Ok(rules) => {
-                        tracing::warn!(
-                            "fault rules reloaded from {}: {} rule(s) {:?}",
-                            path.display(),
-                            rules.len(),
-                            rules.iter().map(ToString::to_string).collect::<Vec<_>>()
-                        );
+                match load_fault_file(&path) {
+                    Ok((rules, meta_rules)) => {
                         faults.set_rules(rules);
+                        meta_faults.set(meta_rules);
                     }
                     Err(e) => tracing::error!("{e}; keeping the previous fault rules"),
                 }
@@ -177,4 +169,36 @@ pub async fn up(
     closed.map_err(|e| Failure::error(format!("recording the clean shutdown failed: {e}")))?;
     tracing::info!("node {} stopped cleanly", me.name);
     Ok(())
+}
+
+/// The fault file of `up --fault-file`: `meta:...` lines are metadata fault points
+/// (`meta::fault`), the others the data store's rules (`store::fault`).
+fn load_fault_file(path: &Path) -> Result<(Vec<FaultRule>, Vec<MetaFault>), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the fault file {}: {e}", path.display()))?;
+    let is_meta = |l: &str| l.trim_start().starts_with("meta:");
+    // Metadata lines are blanked, not dropped, so errors keep their line numbers.
+    let data: Vec<&str> = text
+        .lines()
+        .map(|l| if is_meta(l) { "" } else { l })
+        .collect();
+    let rules = store::parse_fault_rules(&data.join("\n"))
+        .map_err(|e| format!("fault file {}: {e}", path.display()))?;
+    let meta = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| is_meta(l))
+        .map(|(i, l)| MetaFault::parse(l.trim()).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("fault file {}: {e}", path.display()))?;
+    tracing::warn!(
+        "fault injection (testing) from {}: {:?}; SIGHUP reloads it",
+        path.display(),
+        rules
+            .iter()
+            .map(ToString::to_string)
+            .chain(meta.iter().map(ToString::to_string))
+            .collect::<Vec<_>>()
+    );
+    Ok((rules, meta))
 }

@@ -16,7 +16,7 @@ mod uring;
 mod volatile;
 
 pub use buf::AlignedBuf;
-pub use fault::{FaultAction, FaultRule, FaultStore, OpKind};
+pub use fault::{parse_rules as parse_fault_rules, FaultAction, FaultRule, FaultStore, OpKind};
 pub use file::{open_backing, Backing, BackingOptions};
 pub use threads::ThreadStore;
 pub use uring::UringStore;

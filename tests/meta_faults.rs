@@ -1,0 +1,88 @@
+//! Failures at the metadata's persist points, injected into a running node with
+//! `tandem up --fault-file` (`meta:POINT:ACTION` lines, reloaded on SIGHUP): each must be an
+//! error the operator sees, never a success (issue 12, fault hooks in metadata IO).
+
+mod common;
+
+use common::failover::witnessed_pair;
+use common::pair::{Pair, M};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Replace `node`'s fault rules and wait until it has loaded them.
+fn set_faults(p: &Pair, node: &str, rules: &str) {
+    let before = p.log(node).matches("fault injection (testing)").count();
+    std::fs::write(p.path(&format!("{node}.faults")), rules).unwrap();
+    kill(Pid::from_raw(p.pid(node)), Signal::SIGHUP).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while p.log(node).matches("fault injection (testing)").count() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{node} did not reload its faults"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A promotion whose superblock write fails: the node stays secondary and says why, both
+/// when it takes over a lost primary and when an operator asks. Before, `become_primary`
+/// only logged the failure: the automatic promotion left no trace in status, and
+/// `tandem primary` answered "promoted to primary" from a node that was not.
+#[test]
+fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
+    let (mut p, _w) = witnessed_pair(16 * M);
+    let faults = p.path("beta.faults");
+    std::fs::write(&faults, "").unwrap();
+    assert_eq!(p.stop("beta"), Some(0));
+    p.up_with("beta", &["--fault-file", faults.to_str().unwrap()]);
+    p.wait_in_sync(60);
+    set_faults(&p, "beta", "meta:superblock:eio\n");
+
+    // Automatic: the primary dies; the witness grants beta an epoch it cannot record.
+    p.kill9("alpha");
+    let s = p.wait_for("beta", "the failed takeover in status", 20, |s| {
+        s["failover"]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("cannot record the promotion"))
+    });
+    assert_eq!(s["role"], "secondary", "{s}");
+    assert!(
+        s["failover"]["note"].as_str().unwrap().contains("injected"),
+        "{s}"
+    );
+
+    // Operator: refused with the reason, and still secondary.
+    let out = p.tandem("beta", &["primary"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "primary succeeded: {out:?}");
+    assert!(stderr.contains("cannot record the promotion"), "{stderr}");
+    assert_eq!(p.status("beta")["role"], "secondary");
+
+    // Healed: the same command promotes.
+    set_faults(&p, "beta", "");
+    p.ok("beta", &["primary"]);
+    assert_eq!(p.status("beta")["role"], "primary");
+}
+
+/// Bad metadata rules are refused like bad data rules: the node keeps the rules it has.
+#[test]
+fn a_bad_metadata_fault_rule_is_refused_and_the_node_keeps_serving() {
+    let (mut p, _w) = witnessed_pair(16 * M);
+    let faults = p.path("alpha.faults");
+    std::fs::write(&faults, "meta:disk:eio\n").unwrap();
+    assert_eq!(p.stop("beta"), Some(0));
+    let out = std::process::Command::new(common::tandem_bin())
+        .args(["up", "-c"])
+        .arg(&p.config)
+        .args(["-n", "beta", "--fault-file"])
+        .arg(&faults)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 1") && stderr.contains("unknown point"),
+        "{stderr}"
+    );
+    assert_eq!(p.status("alpha")["role"], "primary");
+}
