@@ -5,7 +5,7 @@
 mod common;
 
 use common::failover::witnessed_pair;
-use common::pair::{Pair, M};
+use common::pair::{qemu_io, qemu_io_ok, Pair, M};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -85,4 +85,40 @@ fn a_bad_metadata_fault_rule_is_refused_and_the_node_keeps_serving() {
         "{stderr}"
     );
     assert_eq!(p.status("alpha")["role"], "primary");
+}
+
+/// A write whose activity-log transaction cannot be written fails to the client: the data
+/// must not land (or be acknowledged) in an extent a crash would not know to resync. Once the
+/// fault is gone the same write succeeds and reads back.
+#[test]
+fn a_write_whose_activity_log_update_fails_is_an_error_to_the_client() {
+    let mut p = Pair::new(16 * M, "");
+    let faults = p.path("alpha.faults");
+    std::fs::write(&faults, "").unwrap();
+    p.up_with("alpha", &["--fault-file", faults.to_str().unwrap()]);
+    p.up("beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    // Before any write, no extent is in the activity log: the first write must add one.
+    set_faults(&p, "alpha", "meta:al:eio\n");
+    let out = qemu_io(&p.uri("alpha"), &["write -P 0x5a 12M 64k"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error") && !text.contains("wrote 65536"),
+        "the write was not refused: {text}"
+    );
+    assert!(
+        p.log("alpha").contains("injected fault"),
+        "{}",
+        p.log("alpha")
+    );
+    set_faults(&p, "alpha", "");
+    qemu_io_ok(
+        &p.uri("alpha"),
+        &["write -P 0x5a 12M 64k", "read -P 0x5a 12M 64k"],
+    );
+    p.wait_in_sync(60);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.assert_identical();
 }

@@ -4,6 +4,7 @@
 //! generation (persisted before the first write acknowledged without the peer).
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,11 +23,17 @@ const AL_WAIT_MAX: u64 = 64 * 1024 * 1024;
 
 pub struct ReplicatedStore {
     node: Arc<Node>,
+    /// Activity-log updates are failing: logged once when they start and once when they stop,
+    /// not per write.
+    al_failing: std::sync::atomic::AtomicBool,
 }
 
 impl ReplicatedStore {
     pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+        Self {
+            node,
+            al_failing: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     fn check_primary(&self) -> io::Result<()> {
@@ -43,10 +50,21 @@ impl ReplicatedStore {
     async fn activate(&self, offset: u64, len: u64) -> io::Result<()> {
         loop {
             let r = self.node.meta().activate_pinned(offset, len);
+            let failing = &self.al_failing;
             match r {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if failing.swap(false, Ordering::Relaxed) {
+                        tracing::warn!("activity-log updates work again");
+                    }
+                    return Ok(());
+                }
                 Err(crate::meta::MetaError::Invalid { .. }) if len <= AL_WAIT_MAX => {}
-                Err(e) => return Err(io::Error::other(e)),
+                Err(e) => {
+                    if !failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!("writes fail: cannot update the activity log: {e}");
+                    }
+                    return Err(io::Error::other(e));
+                }
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
