@@ -122,3 +122,41 @@ fn a_write_whose_activity_log_update_fails_is_an_error_to_the_client() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     p.assert_identical();
 }
+
+/// A resync whose end cannot be recorded on the target (bitmap and superblock) is not
+/// finished: the target ends the link and the next handshake resyncs again. Before, the
+/// target logged the failure and stayed SyncTarget and Inconsistent for good.
+#[test]
+fn a_resync_whose_end_cannot_be_recorded_is_redone() {
+    let mut p = Pair::new(16 * M, "[resync]\nrate = \"2M\"\n");
+    let faults = p.path("beta.faults");
+    std::fs::write(&faults, "").unwrap();
+    p.up("alpha");
+    p.up_with("beta", &["--fault-file", faults.to_str().unwrap()]);
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    p.ok("beta", &["disconnect"]);
+    qemu_io_ok(&p.uri("alpha"), &["write -P 0x6b 2M 4M"]);
+    p.ok("beta", &["connect"]);
+    p.wait_for("beta", "the resync", 20, |s| {
+        s["connection"] == "SyncTarget"
+    });
+    set_faults(&p, "beta", "meta:superblock:eio\nmeta:bitmap:eio\n");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !p
+        .log("beta")
+        .contains("recording the finished resync failed")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resync end did not fail:\n{}",
+            p.log("beta")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_ne!(p.status("beta")["disk"], "UpToDate");
+    set_faults(&p, "beta", "");
+    p.wait_in_sync(60);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.assert_identical();
+}

@@ -499,7 +499,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Message::ResyncDone { gens } => {
                     let source = link.peer.lock().unwrap().disk;
-                    resync_finished_as_target(node, gens, source);
+                    resync_finished_as_target(node, gens, source).map_err(std::io::Error::other)?;
                     node.announce().await;
                     node.retake_lost_role();
                     node.settle_identical_pair();
@@ -605,7 +605,14 @@ async fn ack_apply(n: &Node, l: &Link, seq: u64, offset: u64, len: u64, r: std::
 /// The resync from the peer is complete: this copy is now the source's. It is as current as
 /// the source was: a copy of an Outdated source is Outdated too (it may lack what the source
 /// lacks), so a resync never turns stale data into data that promotes automatically.
-fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations, source: DiskState) {
+///
+/// If that cannot be recorded the resync is not finished: the error ends the link, and the
+/// next handshake resyncs again from what the metadata on disk says.
+fn resync_finished_as_target(
+    node: &Node,
+    gens: crate::meta::Generations,
+    source: DiskState,
+) -> Result<(), String> {
     let size = node.size;
     let disk = if source == DiskState::Outdated {
         DiskState::Outdated
@@ -625,8 +632,9 @@ fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations, source
         })
     };
     if let Err(e) = result {
-        tracing::error!("recording the finished resync failed: {e}");
-        return;
+        let why = format!("recording the finished resync failed: {e}");
+        tracing::error!("{why}");
+        return Err(why);
     }
     {
         let mut st = node.state();
@@ -639,6 +647,7 @@ fn resync_finished_as_target(node: &Node, gens: crate::meta::Generations, source
         "resync",
         json!({"state": "finished", "disk": disk.as_str()}),
     );
+    Ok(())
 }
 
 /// Push every out-of-sync block to the peer, a window of chunks at a time, holding the range
