@@ -499,8 +499,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Message::ResyncDone { gens } => {
                     let source = link.peer.lock().unwrap().disk;
-                    resync_finished_as_target(node, gens, source)
-                        .map_err(std::io::Error::other)?;
+                    resync_finished_as_target(node, gens, source).map_err(std::io::Error::other)?;
                     node.announce().await;
                     node.retake_lost_role();
                     node.settle_identical_pair();
