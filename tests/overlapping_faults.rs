@@ -44,6 +44,29 @@ fn assert_not_two_connected_primaries(p: &Pair, when: &str) {
     );
 }
 
+/// Wait until one node is primary and both are Connected and UpToDate with nothing out of
+/// sync, for at most `secs`.
+fn wait_settled(p: &Pair, when: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (a, b) = (status_within(p, "alpha"), status_within(p, "beta"));
+        let primaries = [&a, &b].iter().filter(|s| s["role"] == "primary").count();
+        let settled = |s: &serde_json::Value| {
+            s["connection"] == "Connected" && s["disk"] == "UpToDate" && s["out_of_sync_bytes"] == 0
+        };
+        if primaries == 1 && settled(&a) && settled(&b) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{when}: no single primary with both copies UpToDate\nalpha: {a}\nbeta: {b}\nlog alpha:\n{}\nlog beta:\n{}",
+            p.log("alpha"),
+            p.log("beta")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A (issue 11): the witness stops while the primary's lease runs out, the replication link
 /// drops for longer than the ping timeout and comes back while the secondary's promotion
 /// request waits at the stopped witness; then the witness resumes and grants it. Before
@@ -80,26 +103,7 @@ fn a_promotion_granted_after_the_link_came_back_never_makes_two_connected_primar
             std::thread::sleep(Duration::from_millis(50));
         }
         // Whatever happened, the pair settles with one primary and identical copies.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (a, b) = (status_within(&p, "alpha"), status_within(&p, "beta"));
-            let primaries = [&a, &b].iter().filter(|s| s["role"] == "primary").count();
-            let settled = |s: &serde_json::Value| {
-                s["connection"] == "Connected"
-                    && s["disk"] == "UpToDate"
-                    && s["out_of_sync_bytes"] == 0
-            };
-            if primaries == 1 && settled(&a) && settled(&b) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "trial {trial}: the pair did not settle\nalpha: {a}\nbeta: {b}\nlog alpha:\n{}\nlog beta:\n{}",
-                p.log("alpha"),
-                p.log("beta")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_settled(&p, &format!("trial {trial}"), 30);
     }
     let summary = checker.finish();
     eprintln!("{summary}");
@@ -240,24 +244,7 @@ fn copies_outdated_by_a_late_witness_answer_recover_without_an_operator() {
     signal(&p, "beta", Signal::SIGCONT);
     p.wait_for("beta", "the lost primary", 20, |s| s["peer"].is_null());
     p.up("alpha");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (a, b) = (status_within(&p, "alpha"), status_within(&p, "beta"));
-        let primaries = [&a, &b].iter().filter(|s| s["role"] == "primary").count();
-        let settled = |s: &serde_json::Value| {
-            s["connection"] == "Connected" && s["disk"] == "UpToDate" && s["out_of_sync_bytes"] == 0
-        };
-        if primaries == 1 && settled(&a) && settled(&b) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no primary with both copies UpToDate 30 s after the faults healed\nalpha: {a}\nbeta: {b}\nlog alpha:\n{}\nlog beta:\n{}",
-            p.log("alpha"),
-            p.log("beta")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_settled(&p, "30 s after the faults healed", 30);
     let summary = checker.finish();
     eprintln!("{summary}");
     p.wait_in_sync(60);
