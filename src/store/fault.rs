@@ -245,7 +245,8 @@ impl FaultStore {
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rules;
     }
 
-    /// Read a rules file (`tandem up --fault-file`): one `OP:START-END:ACTION` per line;
+    /// Read a file of data rules only: one `OP:START-END:ACTION` per line (`tandem up
+    /// --fault-file` also takes `meta:` lines, see `node::up::load_fault_file`);
     /// blank lines and lines starting with `#` are ignored, so an empty file means no faults.
     /// The whole file is rejected if any line is bad, naming the file and line.
     pub fn load_rules_file(path: &std::path::Path) -> Result<Vec<FaultRule>, String> {
