@@ -24,6 +24,13 @@ fn set_faults(p: &Pair, node: &str, rules: &str) {
     }
 }
 
+/// (Re)start `node` under an empty fault file (`NODE.faults`), for `set_faults`.
+fn up_with_faults(p: &mut Pair, node: &'static str) {
+    let faults = p.path(&format!("{node}.faults"));
+    std::fs::write(&faults, "").unwrap();
+    p.up_with(node, &["--fault-file", faults.to_str().unwrap()]);
+}
+
 /// A promotion whose superblock write fails: the node stays secondary and says why, both
 /// when it takes over a lost primary and when an operator asks. Before, `become_primary`
 /// only logged the failure: the automatic promotion left no trace in status, and
@@ -31,10 +38,8 @@ fn set_faults(p: &Pair, node: &str, rules: &str) {
 #[test]
 fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
     let (mut p, _w) = witnessed_pair(16 * M);
-    let faults = p.path("beta.faults");
-    std::fs::write(&faults, "").unwrap();
     assert_eq!(p.stop("beta"), Some(0));
-    p.up_with("beta", &["--fault-file", faults.to_str().unwrap()]);
+    up_with_faults(&mut p, "beta");
     p.wait_in_sync(60);
     set_faults(&p, "beta", "meta:superblock:eio\n");
 
@@ -64,11 +69,11 @@ fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
     assert_eq!(p.status("beta")["role"], "primary");
 }
 
-/// Bad metadata rules are refused like bad data rules: the node keeps the rules it has.
+/// A bad metadata rule stops `up` with the file and line, like a bad data rule.
 #[test]
 fn a_bad_metadata_fault_rule_is_refused_and_the_node_keeps_serving() {
     let (mut p, _w) = witnessed_pair(16 * M);
-    let faults = p.path("alpha.faults");
+    let faults = p.path("bad.faults");
     std::fs::write(&faults, "meta:disk:eio\n").unwrap();
     assert_eq!(p.stop("beta"), Some(0));
     let out = std::process::Command::new(common::tandem_bin())
@@ -93,9 +98,7 @@ fn a_bad_metadata_fault_rule_is_refused_and_the_node_keeps_serving() {
 #[test]
 fn a_write_whose_activity_log_update_fails_is_an_error_to_the_client() {
     let mut p = Pair::new(16 * M, "");
-    let faults = p.path("alpha.faults");
-    std::fs::write(&faults, "").unwrap();
-    p.up_with("alpha", &["--fault-file", faults.to_str().unwrap()]);
+    up_with_faults(&mut p, "alpha");
     p.up("beta");
     p.ok("alpha", &["primary", "--force"]);
     p.wait_in_sync(60);
@@ -129,10 +132,8 @@ fn a_write_whose_activity_log_update_fails_is_an_error_to_the_client() {
 #[test]
 fn a_resync_whose_end_cannot_be_recorded_is_redone() {
     let mut p = Pair::new(16 * M, "[resync]\nrate = \"2M\"\n");
-    let faults = p.path("beta.faults");
-    std::fs::write(&faults, "").unwrap();
     p.up("alpha");
-    p.up_with("beta", &["--fault-file", faults.to_str().unwrap()]);
+    up_with_faults(&mut p, "beta");
     p.ok("alpha", &["primary", "--force"]);
     p.wait_in_sync(60);
     p.ok("beta", &["disconnect"]);

@@ -62,18 +62,14 @@ fn nemesis_three_seeds_find_nothing() {
             .expect("run nemesis.py");
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
-        let summary = text
-            .lines()
-            .rev()
-            .find(|l| l.contains("faults: "))
-            .unwrap_or("(no summary line)")
-            .to_owned();
-        let verdict = text
-            .lines()
-            .rev()
-            .find(|l| l.contains("verdict: "))
-            .unwrap_or("(no verdict)")
-            .to_owned();
+        let last = |what: &str| {
+            text.lines()
+                .rev()
+                .find(|l| l.contains(what))
+                .unwrap_or("(none)")
+                .to_owned()
+        };
+        let (summary, verdict) = (last("faults: "), last("verdict: "));
         let line = format!(
             "seed {seed}: {:.1} s, exit {:?}: {summary} / {verdict}",
             t.elapsed().as_secs_f64(),

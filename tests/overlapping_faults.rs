@@ -67,6 +67,19 @@ fn wait_settled(p: &Pair, when: &str, secs: u64) {
     }
 }
 
+/// The end of every scenario: the pair in sync, no split brain, a promotable node, and
+/// byte-identical copies (after the secondary's last writes reached its file).
+fn assert_settled_and_identical(p: &Pair) {
+    p.wait_in_sync(60);
+    for n in ["alpha", "beta"] {
+        let s = p.status(n);
+        assert_eq!(s["split_brain"], false, "{s}");
+        assert!(s["failover"]["no_promotable"].is_null(), "{s}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    p.assert_identical();
+}
+
 /// A (issue 11): the witness stops while the primary's lease runs out, the replication link
 /// drops for longer than the ping timeout and comes back while the secondary's promotion
 /// request waits at the stopped witness; then the witness resumes and grants it. Before
@@ -107,11 +120,7 @@ fn a_promotion_granted_after_the_link_came_back_never_makes_two_connected_primar
     }
     let summary = checker.finish();
     eprintln!("{summary}");
-    p.wait_in_sync(60);
-    for n in ["alpha", "beta"] {
-        assert_eq!(p.status(n)["split_brain"], false);
-    }
-    p.assert_identical();
+    assert_settled_and_identical(&p);
 }
 
 /// B (issue 11): the primary is stopped past its lease, the secondary takes over (no writes
@@ -247,13 +256,7 @@ fn copies_outdated_by_a_late_witness_answer_recover_without_an_operator() {
     wait_settled(&p, "30 s after the faults healed", 30);
     let summary = checker.finish();
     eprintln!("{summary}");
-    p.wait_in_sync(60);
-    for n in ["alpha", "beta"] {
-        assert_eq!(p.status(n)["split_brain"], false);
-        assert!(p.status(n)["failover"]["no_promotable"].is_null());
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    p.assert_identical();
+    assert_settled_and_identical(&p);
 }
 
 /// E (issue 11): as D, but the peer is killed instead of resumed, so there is no pair to
@@ -282,10 +285,5 @@ fn a_primary_whose_lease_lapsed_is_up_to_date_once_the_witness_says_nobody_took_
     });
     let summary = checker.finish();
     eprintln!("{summary}");
-    p.wait_in_sync(60);
-    for n in ["alpha", "beta"] {
-        assert_eq!(p.status(n)["split_brain"], false);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    p.assert_identical();
+    assert_settled_and_identical(&p);
 }

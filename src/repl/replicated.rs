@@ -53,7 +53,8 @@ impl ReplicatedStore {
             let failing = &self.al_failing;
             match r {
                 Ok(_) => {
-                    if failing.swap(false, Ordering::Relaxed) {
+                    // A load, not a swap, on the write path while nothing fails.
+                    if failing.load(Ordering::Relaxed) && failing.swap(false, Ordering::Relaxed) {
                         tracing::warn!("activity-log updates work again");
                     }
                     return Ok(());
