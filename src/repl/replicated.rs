@@ -11,7 +11,9 @@ use bytes::Bytes;
 
 use super::link::Link;
 use super::proto::Message;
-use super::session::{peer_flush, replicate_control, replicate_write, Replicated};
+use super::session::{
+    peer_flush, replicate_control, replicate_write, resync_while_connected, Replicated,
+};
 use crate::node::failover::Hold;
 use crate::node::runtime::Node;
 use crate::node::Role;
@@ -163,6 +165,10 @@ impl ReplicatedStore {
             meta.mark_out_of_sync(offset, len);
         }
         meta.release(offset, len);
+        drop(meta);
+        if result.is_err() || peer != Replicated::Acked {
+            resync_while_connected(&self.node);
+        }
         result
     }
 }

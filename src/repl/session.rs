@@ -346,6 +346,9 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     ));
     if conn == Conn::SyncSource {
         tokio::spawn(resync_source(node.clone(), link.clone()));
+    } else {
+        // A write that failed between the exchange of bitmaps and now marked blocks.
+        resync_while_connected(&node);
     }
     let (reason, orderly) = match read_loop(&node, &link, r, &last_rx).await {
         Ok(end) => end,
@@ -650,16 +653,116 @@ fn resync_finished_as_target(
     Ok(())
 }
 
+/// Why one chunk of a resync did not land.
+enum ChunkError {
+    LinkLost,
+    /// This node could not read it, or the peer could not write it: the bits stay, and the
+    /// chunk is tried again after a pause (a failing disk may heal; nothing signals that).
+    Failed(String),
+}
+
+impl From<LinkLost> for ChunkError {
+    fn from(_: LinkLost) -> Self {
+        ChunkError::LinkLost
+    }
+}
+
+/// First pause after a pass in which chunks failed; doubled per failing pass up to the max.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Push every out-of-sync block to the peer, a window of chunks at a time, holding the range
 /// lock of each chunk from read until the peer acknowledged it, so an application write to
 /// the same blocks is ordered after it on the peer. Bits clear only when the peer has the data.
+/// Runs until no bit is left or the link is lost: chunks that fail are retried.
 pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
+    let mut pause = RETRY_FIRST;
+    loop {
+        match resync_round(node.clone(), link.clone()).await {
+            // Bits set between the last pass and the switch back to Connected: another round.
+            Round::Finished if claim_online_resync(&node, &link) => pause = RETRY_FIRST,
+            Round::Finished | Round::Stopped => return,
+            Round::Retry => {
+                if !pause_unless_lost(&link, pause).await {
+                    return;
+                }
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// A primary connected to its peer with blocks marked out of sync (a write failed on its disk
+/// or on the peer's while the link stayed up) pushes them to the peer now: left for the next
+/// handshake, they stayed marked for as long as the link lived.
+pub fn resync_while_connected(node: &Arc<Node>) {
+    let Some(link) = node.link() else { return };
+    if claim_online_resync(node, &link) {
+        tokio::spawn(resync_source(node.clone(), link));
+    }
+}
+
+/// Connected → SyncSource, when this node is primary on `link` and has bits. Only the caller
+/// that made the switch runs the resync.
+fn claim_online_resync(node: &Node, link: &Arc<Link>) -> bool {
+    let total = {
+        let mut st = node.state();
+        let current = node.link().is_some_and(|l| Arc::ptr_eq(&l, link));
+        if st.role != Role::Primary || st.conn != Conn::Connected || !current {
+            return false;
+        }
+        let total = node.meta().out_of_sync_bytes();
+        if total == 0 {
+            return false;
+        }
+        st.conn = Conn::SyncSource;
+        st.resync = Some(Progress::new(total));
+        total
+    };
+    tracing::warn!("{total} bytes marked out of sync while connected: resyncing them to the peer");
+    node.event(
+        "resync",
+        json!({"state": "started", "role": "source", "reason": "marked while connected", "total_bytes": total}),
+    );
+    true
+}
+
+enum Round {
+    Finished,
+    /// The link was lost.
+    Stopped,
+    /// Every block landed but the end could not be made durable or recorded: go again.
+    Retry,
+}
+
+/// Wait `pause`; false if the link was lost meanwhile.
+async fn pause_unless_lost(link: &Link, pause: Duration) -> bool {
+    let mut closed = link.closed();
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => !link.is_lost(),
+        _ = closed.wait_for(|c| *c) => false,
+    }
+}
+
+/// One resync to the end.
+async fn resync_round(node: Arc<Node>, link: Arc<Link>) -> Round {
     let rate = node.cfg.resync.rate;
     let started = Instant::now();
     let mut sent_bytes = 0u64;
+    let mut pause = RETRY_FIRST;
     loop {
         let mut cursor = 0u64;
         let mut tasks = tokio::task::JoinSet::new();
+        let mut failed: (u64, Option<String>) = (0, None);
+        let mut note = |r: Result<Result<(), ChunkError>, tokio::task::JoinError>| match r {
+            Ok(Err(ChunkError::LinkLost)) => Err(LinkLost),
+            Ok(Err(ChunkError::Failed(why))) => {
+                failed.0 += 1;
+                failed.1.get_or_insert(why);
+                Ok(())
+            }
+            _ => Ok(()),
+        };
         while let Some((offset, len)) = {
             let next = node.meta().next_out_of_sync(cursor);
             next
@@ -667,12 +770,14 @@ pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
             let len = len.min(SYNC_CHUNK);
             cursor = offset + len;
             while tasks.len() >= SYNC_WINDOW {
-                if let Some(Ok(Err(LinkLost))) = tasks.join_next().await {
-                    return;
+                if let Some(r) = tasks.join_next().await {
+                    if note(r).is_err() {
+                        return Round::Stopped;
+                    }
                 }
             }
             if link.is_lost() {
-                return;
+                return Round::Stopped;
             }
             if rate > 0 {
                 sent_bytes += len;
@@ -685,25 +790,41 @@ pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
             tasks.spawn(async move { sync_chunk(&n, &l, offset, len).await });
         }
         while let Some(r) = tasks.join_next().await {
-            if let Ok(Err(LinkLost)) = r {
-                return;
+            if note(r).is_err() {
+                return Round::Stopped;
             }
         }
         if link.is_lost() {
-            return;
+            return Round::Stopped;
         }
-        // Writes that failed on the peer meanwhile set bits behind the cursor: go again.
-        if node.meta().out_of_sync_bytes() == 0 {
+        // Writes that failed meanwhile set bits behind the cursor: go again.
+        let left = node.meta().out_of_sync_bytes();
+        if left == 0 {
             break;
+        }
+        if let Some(p) = node.state().resync.as_mut() {
+            p.total_bytes = p.done_bytes + left;
+        }
+        if let (n, Some(why)) = failed {
+            tracing::error!(
+                "resync: {n} chunk(s) did not land ({why}); {left} bytes still out of sync, \
+                 trying again in {pause:?}"
+            );
+            if !pause_unless_lost(&link, pause).await {
+                return Round::Stopped;
+            }
+            pause = (pause * 2).min(RETRY_MAX);
+        } else {
+            pause = RETRY_FIRST;
         }
     }
     // The target must not call itself UpToDate with the data still in its page cache.
     match peer_flush(&link).await {
         Replicated::Acked => {}
-        Replicated::LinkLost => return,
+        Replicated::LinkLost => return Round::Stopped,
         Replicated::PeerFailed => {
             tracing::error!("the resync target failed to flush; the resync is not finished");
-            return;
+            return Round::Retry;
         }
     }
     let gens = {
@@ -716,12 +837,12 @@ pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
         });
         if let Err(e) = r {
             tracing::error!("recording the finished resync failed: {e}");
-            return;
+            return Round::Retry;
         }
         meta.superblock().gens
     };
     if link.send(&Message::ResyncDone { gens }).await.is_err() {
-        return;
+        return Round::Stopped;
     }
     let done = {
         let mut st = node.state();
@@ -744,17 +865,16 @@ pub async fn resync_source(node: Arc<Node>, link: Arc<Link>) {
         "resync",
         json!({"state": "finished", "role": "source", "synced_bytes": synced, "transferred_bytes": sent, "seconds": secs}),
     );
+    Round::Finished
 }
 
-async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(), LinkLost> {
+async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(), ChunkError> {
     let _guard = node.locks.lock(offset, len).await;
-    let data = match node.store.read(offset, len as usize).await {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!("resync read at {offset} failed: {e}");
-            return Err(LinkLost);
-        }
-    };
+    let data = node
+        .store
+        .read(offset, len as usize)
+        .await
+        .map_err(|e| ChunkError::Failed(format!("reading at {offset}: {e}")))?;
     // With `checksum = true`, ask for the target's block digests first and send only the
     // blocks that differ (most blocks marked after a crash are in fact identical).
     let theirs = if node.cfg.resync.checksum {
@@ -764,7 +884,7 @@ async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(
             .await?
         {
             Reply::Digests(d) => Some(d),
-            _ => return Err(LinkLost),
+            other => return Err(peer_refused(offset, other)),
         }
     } else {
         None
@@ -802,7 +922,7 @@ async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(
             .unwrap_or(Err(LinkLost))?
         {
             Reply::Done => {}
-            _ => return Err(LinkLost),
+            other => return Err(peer_refused(offset, other)),
         }
     }
     link.unflushed.resynced(offset, len);
@@ -812,6 +932,16 @@ async fn sync_chunk(node: &Node, link: &Link, offset: u64, len: u64) -> Result<(
         p.transferred_bytes += sent;
     }
     Ok(())
+}
+
+fn peer_refused(offset: u64, reply: Reply) -> ChunkError {
+    ChunkError::Failed(match reply {
+        Reply::Failed(errno) => format!(
+            "the peer could not write at {offset}: {}",
+            std::io::Error::from_raw_os_error(errno)
+        ),
+        other => format!("unexpected answer from the peer at {offset}: {other:?}"),
+    })
 }
 
 /// CRC32 of each 4 KiB block of a range.

@@ -1,6 +1,8 @@
-//! Failures at the metadata's persist points, injected into a running node with
-//! `tandem up --fault-file` (`meta:POINT:ACTION` lines, reloaded on SIGHUP): each must be an
-//! error the operator sees, never a success (issue 12, fault hooks in metadata IO).
+//! Failures of a node's disks, injected into a running node with `tandem up --fault-file`
+//! (reloaded on SIGHUP). Data rules (`OP:START-END:ACTION`): blocks a failed write left
+//! different on the two copies are resynced while the link stays up (issue 11, nemesis
+//! seed 57). Metadata rules (`meta:POINT:ACTION`): each failure at a persist point is an error
+//! the operator sees, never a success (issue 12, fault hooks in metadata IO).
 
 mod common;
 
@@ -159,5 +161,67 @@ fn a_resync_whose_end_cannot_be_recorded_is_redone() {
     set_faults(&p, "beta", "");
     p.wait_in_sync(60);
     std::thread::sleep(std::time::Duration::from_millis(300));
+    p.assert_identical();
+}
+
+/// The primary's disk fails every operation on a range for a while; the peer has every write.
+/// The client's writes there fail, and their blocks are marked out of sync on the primary. The
+/// resync of those blocks starts at once but cannot read them while the fault lasts: it keeps
+/// trying, and once the disk works again the pair converges without a reconnect. Before,
+/// the bits stayed while the link lived (nemesis seed 57: 31.7 MB for good), and a resync whose
+/// read failed stopped for good, still SyncSource.
+#[test]
+fn blocks_a_failed_local_write_left_are_resynced_while_connected() {
+    let mut p = Pair::new(32 * M, "");
+    up_with_faults(&mut p, "alpha");
+    p.up("beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    qemu_io_ok(&p.uri("alpha"), &["write -P 0x11 4M 1M"]);
+
+    set_faults(&p, "alpha", "any:4M-6M:eio\n");
+    let out = qemu_io(&p.uri("alpha"), &["write -P 0x22 4M 1M"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error"),
+        "the write did not fail: {text}"
+    );
+    // Marked, and the resync is running into the same fault.
+    p.wait_for("alpha", "the failed chunks retried", 20, |_| {
+        p.log("alpha").contains("did not land")
+    });
+    let s = p.status("alpha");
+    assert_eq!(s["connection"], "SyncSource", "{s}");
+    assert!(s["out_of_sync_bytes"].as_u64().unwrap() >= M, "{s}");
+
+    set_faults(&p, "alpha", "");
+    p.wait_in_sync(30);
+    // Either version of the failed write is allowed; both copies must hold the same one.
+    p.stop("alpha");
+    p.stop("beta");
+    p.assert_identical();
+}
+
+/// The secondary's disk fails a replicated write: the primary acknowledges it from its own copy
+/// and a new generation, the secondary calls itself Outdated. Once the secondary's disk works,
+/// the primary pushes the blocks while connected and the secondary is UpToDate again. Before,
+/// it stayed Outdated until the link was next established.
+#[test]
+fn a_secondary_whose_write_failed_is_brought_up_to_date_while_connected() {
+    let mut p = Pair::new(32 * M, "");
+    p.up("alpha");
+    up_with_faults(&mut p, "beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+
+    set_faults(&p, "beta", "write:8M-9M:eio\n");
+    qemu_io_ok(&p.uri("alpha"), &["write -P 0x33 8M 64k"]);
+    p.wait_for("beta", "the failed apply", 20, |s| s["disk"] == "Outdated");
+    set_faults(&p, "beta", "");
+    p.wait_in_sync(30);
+    qemu_io_ok(&p.uri("alpha"), &["read -P 0x33 8M 64k"]);
+    p.stop("alpha");
+    p.stop("beta");
     p.assert_identical();
 }
