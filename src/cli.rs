@@ -6,44 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
+use crate::failure::{exit, Failure};
 use crate::nbd::{self, ListenAddr, Listener};
+use crate::signals::wait_for_signal;
 use crate::store::{self, BackingOptions, EngineChoice, FaultRule, FaultStore, SharedStore};
-
-/// Exit codes from the product contract.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const ERROR: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const REFUSED: u8 = 3;
-    pub const UNREACHABLE: u8 = 4;
-}
-
-/// A failed command: its exit code and what to print.
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn error(message: impl Into<String>) -> Self {
-        Self {
-            code: exit::ERROR,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Self::error(message)
-    }
-}
-
-impl From<crate::config::ConfigError> for Failure {
-    fn from(e: crate::config::ConfigError) -> Self {
-        Self::error(e.to_string())
-    }
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -407,23 +373,17 @@ fn dump_md(path: &std::path::Path, json: bool) -> Result<(), Failure> {
 async fn ask(res: &ResourceArgs, req: serde_json::Value) -> Result<serde_json::Value, Failure> {
     let cfg = crate::config::Config::load(&res.cfg.config)?;
     let path = cfg.node(&res.node)?.control.clone();
-    let reply = crate::control::request(&path, &req)
-        .await
-        .map_err(|e| Failure {
-            code: exit::UNREACHABLE,
-            message: format!(
-                "cannot reach node {} at {}: {e} (is `tandem up` running?)",
-                res.node,
-                path.display()
-            ),
-        })?;
+    let reply = crate::control::request(&path, &req).await.map_err(|e| {
+        Failure::unreachable(format!(
+            "cannot reach node {} at {}: {e} (is `tandem up` running?)",
+            res.node,
+            path.display()
+        ))
+    })?;
     if reply["ok"].as_bool() == Some(true) {
         Ok(reply["result"].clone())
     } else {
-        Err(Failure {
-            code: reply["code"].as_u64().map_or(exit::ERROR, |c| c as u8),
-            message: reply["error"].as_str().unwrap_or("refused").to_owned(),
-        })
+        Err(Failure::from(&reply))
     }
 }
 
@@ -449,22 +409,14 @@ async fn switchover(
                 println!("{}", reply["result"]["message"].as_str().unwrap_or("done"));
                 return Ok(());
             }
-            Ok(reply) => {
-                return Err(Failure {
-                    code: reply["code"].as_u64().map_or(exit::ERROR, |c| c as u8),
-                    message: reply["error"].as_str().unwrap_or("refused").to_owned(),
-                })
-            }
+            Ok(reply) => return Err(Failure::from(&reply)),
             Err(e) => unreachable.push(format!("{name} at {}: {e}", path.display())),
         }
     }
-    Err(Failure {
-        code: exit::UNREACHABLE,
-        message: format!(
-            "no node answered on this machine ({}); run switchover on a node of the pair",
-            unreachable.join("; ")
-        ),
-    })
+    Err(Failure::unreachable(format!(
+        "no node answered on this machine ({}); run switchover on a node of the pair",
+        unreachable.join("; ")
+    )))
 }
 
 async fn simple(res: &ResourceArgs, req: serde_json::Value) -> Result<(), Failure> {
@@ -492,10 +444,7 @@ async fn events(res: &ResourceArgs) -> Result<(), Failure> {
     let path = cfg.node(&res.node)?.control.clone();
     crate::control::stream_events(&path, |line| println!("{line}"))
         .await
-        .map_err(|e| Failure {
-            code: exit::UNREACHABLE,
-            message: format!("cannot reach node {}: {e}", res.node),
-        })
+        .map_err(|e| Failure::unreachable(format!("cannot reach node {}: {e}", res.node)))
 }
 
 async fn status(res: &ResourceArgs, json: bool, watch: bool) -> Result<(), Failure> {
@@ -605,15 +554,4 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("final flush failed: {e}"))?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Wait for SIGTERM or SIGINT.
-pub(crate) async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -65,7 +65,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
 use crate::nbd::addr::ListenAddr;
-use crate::node::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
+use crate::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use crate::units::parse_bytes;
 use crate::witness::proto::MAX_LEASE_MS;
 
@@ -284,17 +284,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A secret file's contents minus one trailing `\n` or `\r\n` (editors add one; the nodes and
-/// the witness must agree on the bytes).
-pub fn strip_line_end(data: &mut Vec<u8>) {
-    if data.last() == Some(&b'\n') {
-        data.pop();
-        if data.last() == Some(&b'\r') {
-            data.pop();
-        }
-    }
-}
-
 impl Config {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -399,7 +388,7 @@ impl Config {
                 format!("secret_file {} {what}", file.display()),
             )
         })?;
-        strip_line_end(&mut data);
+        crate::secret::strip_line_end(&mut data);
         if data.is_empty() {
             return Err(ConfigError::new(
                 &self.path,

@@ -318,7 +318,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
     let flag = interrupted.clone();
     let r = tokio::select! {
         r = work => r,
-        _ = crate::cli::wait_for_signal() => {
+        _ = crate::signals::wait_for_signal() => {
             flag.store(true, Ordering::Relaxed);
             Ok(())
         }

@@ -173,7 +173,7 @@ pub async fn run(cfg: &Config, device: &Path, timeout: Option<Duration>) -> Resu
         .collect();
     let (stop_tx, mut stop) = watch::channel(false);
     tokio::spawn(async move {
-        crate::cli::wait_for_signal().await;
+        crate::signals::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
     // Subscribe before CONNECT, so that a link dying at once is not missed.

@@ -185,7 +185,7 @@ pub async fn run(
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopper = tokio::spawn(async move {
-        crate::cli::wait_for_signal().await;
+        crate::signals::wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
     let r = nbd::serve(listener, export, stop_rx).await;

@@ -58,8 +58,8 @@
 use std::fmt;
 
 use crate::meta::gen::{hex, Generations, JUST_CREATED, PRIMARY_BIT};
-use crate::node::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use crate::node::{DiskState, Role};
+use crate::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
 use crate::repl::proto::PeerState;
 
 /// One side of the handshake, as it stands when the two nodes connect.
@@ -946,7 +946,7 @@ pub fn reclaim_identical_copy(me: &Side, peer: &Side, w: &WitnessView) -> Option
 mod tests {
     use super::Strategy as St;
     use super::*;
-    use crate::node::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
+    use crate::policy::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicy};
     use proptest::prelude::*;
     use proptest::strategy::{BoxedStrategy, Strategy};
 

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
-use super::runtime::{Node, Refused};
+use super::runtime::Node;
 use super::{DiskState, Role};
 use crate::config::Fencing;
+use crate::failure::Failure;
 use crate::fence::handler::{self, HandlerDecision};
 use crate::fence::witness_client::{Refusal, Reply as WReply, Request as WRequest, WitnessClient};
 use crate::repl::link::Link;
@@ -921,7 +922,7 @@ impl Node {
     pub(crate) async fn fence_for_promotion(
         &self,
         force: bool,
-    ) -> Result<(Option<u64>, String), Refused> {
+    ) -> Result<(Option<u64>, String), Failure> {
         let link = self.link();
         match self.cfg.failover.fencing {
             Fencing::Witness => match self.acquire(self.peer_connected_in_sync(), force).await {
@@ -930,9 +931,9 @@ impl Node {
                     format!("operator request; the witness granted epoch {epoch}"),
                 )),
                 Err(Acquire::Outdated(why) | Acquire::Wait(why, _)) => {
-                    Err(Refused::state(format!("the witness refused: {why}")))
+                    Err(Failure::refused(format!("the witness refused: {why}")))
                 }
-                Err(Acquire::Unreachable(why)) => Err(Refused::state(format!(
+                Err(Acquire::Unreachable(why)) => Err(Failure::refused(format!(
                     "cannot reach the witness ({why}); promotion needs it (fencing = \"witness\")"
                 ))),
             },
@@ -945,13 +946,13 @@ impl Node {
                     }
                     HandlerDecision::OutdateMyself(why) => {
                         self.outdate_myself(&why);
-                        Err(Refused::state(why))
+                        Err(Failure::refused(why))
                     }
                     HandlerDecision::Hold(why) if force => Ok((
                         None,
                         format!("forced although the peer is not fenced: {why}"),
                     )),
-                    HandlerDecision::Hold(why) => Err(Refused::state(format!(
+                    HandlerDecision::Hold(why) => Err(Failure::refused(format!(
                         "the peer is not proven outdated: {why} (use --force to override)"
                     ))),
                 }
@@ -977,12 +978,12 @@ impl Node {
     }
 
     /// `switchover --to NAME` on the primary: drain, demote, hand the role to the peer.
-    pub async fn switchover(self: &Arc<Self>, to: &str) -> Result<String, Refused> {
+    pub async fn switchover(self: &Arc<Self>, to: &str) -> Result<String, Failure> {
         if to == self.me.name && self.role() == Role::Primary {
             return Ok(format!("{to} is already primary"));
         }
         let Some(link) = self.link() else {
-            return Err(Refused::state(format!(
+            return Err(Failure::refused(format!(
                 "{} is not connected; switchover needs it Connected and UpToDate",
                 self.peer_cfg.name
             )));
@@ -995,26 +996,26 @@ impl Node {
                 .await
             {
                 Ok(crate::repl::link::Reply::Done) => Ok(format!("{to} is primary")),
-                Ok(crate::repl::link::Reply::Error(e)) => Err(Refused::state(e)),
-                Ok(other) => Err(Refused::error(format!("unexpected reply {other:?}"))),
-                Err(_) => Err(Refused::error("the link to the primary was lost")),
+                Ok(crate::repl::link::Reply::Error(e)) => Err(Failure::refused(e)),
+                Ok(other) => Err(Failure::error(format!("unexpected reply {other:?}"))),
+                Err(_) => Err(Failure::error("the link to the primary was lost")),
             };
         }
         if to != self.peer_cfg.name {
-            return Err(Refused::error(format!(
+            return Err(Failure::error(format!(
                 "no node {to:?} in resource {}",
                 self.cfg.resource.name
             )));
         }
         if self.role() != Role::Primary {
-            return Err(Refused::state(format!(
+            return Err(Failure::refused(format!(
                 "{} is not primary; run switchover where the primary is",
                 self.me.name
             )));
         }
         let (peer_disk, conn) = (link.peer.lock().unwrap().disk, self.state().conn);
         if peer_disk != DiskState::UpToDate || conn != super::runtime::Conn::Connected {
-            return Err(Refused::state(format!(
+            return Err(Failure::refused(format!(
                 "{to} is {} and the link is {}; switchover needs it Connected and UpToDate",
                 peer_disk.as_str(),
                 conn.as_str()
@@ -1034,7 +1035,7 @@ impl Node {
         }
     }
 
-    async fn hand_over(self: &Arc<Self>, link: &Arc<Link>, to: &str) -> Result<(), Refused> {
+    async fn hand_over(self: &Arc<Self>, link: &Arc<Link>, to: &str) -> Result<(), Failure> {
         // New clients are refused by the gate while `switching`; existing ones finish what
         // they sent and are disconnected.
         if let Some(kick) = self.kick_clients.get() {
@@ -1043,7 +1044,7 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.nbd_clients() > 0 {
             if Instant::now() > deadline {
-                return Err(Refused::error(
+                return Err(Failure::error(
                     "NBD clients did not finish their requests within 10 s",
                 ));
             }
@@ -1052,7 +1053,7 @@ impl Node {
         self.store
             .flush()
             .await
-            .map_err(|e| Refused::error(format!("flush failed: {e}")))?;
+            .map_err(|e| Failure::error(format!("flush failed: {e}")))?;
         {
             self.state().role = Role::Secondary;
             self.meta()
@@ -1060,7 +1061,7 @@ impl Node {
                     sb.flags.was_primary = false;
                     sb.gens.set_primary(false);
                 })
-                .map_err(|e| Refused::error(e.to_string()))?;
+                .map_err(|e| Failure::error(e.to_string()))?;
         }
         self.release_lease().await;
         self.set_fence(Fence::Clear);
@@ -1083,7 +1084,7 @@ impl Node {
                 };
                 tracing::error!("{to} did not take over ({why}); taking the primary role back");
                 let back = self.promote(false).await;
-                Err(Refused::state(format!(
+                Err(Failure::refused(format!(
                     "{to} did not take over: {why}; {}",
                     match back {
                         Ok(_) => format!("{} is primary again", self.me.name),

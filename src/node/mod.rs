@@ -1,8 +1,8 @@
 //! The node: role, disk and connection state, and the pure decisions that drive them.
 
+pub mod control;
 pub mod decide;
 pub mod failover;
-pub mod policy;
 pub mod runtime;
 pub mod up;
 

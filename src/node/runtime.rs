@@ -12,6 +12,7 @@ use tokio::sync::{broadcast, watch};
 use super::failover::Fence;
 use super::{DiskState, Role};
 use crate::config::{Config, NodeConfig};
+use crate::failure::Failure;
 use crate::meta::gen::hex;
 use crate::meta::Meta;
 use crate::repl::link::Link;
@@ -99,28 +100,6 @@ pub struct State {
     pub verify: Option<Progress>,
     /// Result of the last finished verify.
     pub last_verify: Option<Progress>,
-}
-
-/// Exit codes a refused command maps to (DESIGN.md).
-#[derive(Debug)]
-pub struct Refused {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Refused {
-    pub fn state(message: impl Into<String>) -> Self {
-        Self {
-            code: 3,
-            message: message.into(),
-        }
-    }
-    pub fn error(message: impl Into<String>) -> Self {
-        Self {
-            code: 1,
-            message: message.into(),
-        }
-    }
 }
 
 /// The current peer link, and whether new links are held off by a promotion.
@@ -492,14 +471,14 @@ impl Node {
     }
 
     /// Persist a superblock change now (before anything depending on it is acknowledged).
-    pub fn persist(&self, f: impl FnOnce(&mut crate::meta::Superblock)) -> Result<(), Refused> {
+    pub fn persist(&self, f: impl FnOnce(&mut crate::meta::Superblock)) -> Result<(), Failure> {
         self.meta()
             .update(f)
-            .map_err(|e| Refused::error(format!("metadata write failed: {e}")))
+            .map_err(|e| Failure::error(format!("metadata write failed: {e}")))
     }
 
     /// `primary [--force]`.
-    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String, Refused> {
+    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String, Failure> {
         let (role, disk) = {
             let st = self.state();
             (st.role, st.disk)
@@ -509,7 +488,7 @@ impl Node {
         }
         if let Some(link) = self.link() {
             if link.peer.lock().unwrap().role == Role::Primary {
-                return Err(Refused::state(format!(
+                return Err(Failure::refused(format!(
                     "peer {} is primary; demote it first (tandem secondary on {})",
                     link.peer_node, link.peer_node
                 )));
@@ -517,7 +496,7 @@ impl Node {
         }
         let fresh = self.meta().superblock().gens.current == crate::meta::gen::JUST_CREATED;
         if disk != DiskState::UpToDate && !force {
-            return Err(Refused::state(format!(
+            return Err(Failure::refused(format!(
                 "disk is {}; promoting would serve data that may be stale (use --force to override)",
                 disk.as_str()
             )));
@@ -548,13 +527,13 @@ impl Node {
             let mut meta = self.meta();
             meta.set_all_out_of_sync();
             meta.flush_bitmap()
-                .map_err(|e| Refused::error(e.to_string()))?;
+                .map_err(|e| Failure::error(e.to_string()))?;
             drop(meta);
             self.state().disk = DiskState::UpToDate;
         }
         self.become_primary(epoch, &why, force)
             .await
-            .map_err(Refused::error)?;
+            .map_err(Failure::error)?;
         if new_data {
             // Re-run the sync handshake so the peer becomes the sync target at once.
             self.drop_link(
@@ -567,13 +546,13 @@ impl Node {
     }
 
     /// `secondary`.
-    pub async fn demote(self: &Arc<Self>) -> Result<String, Refused> {
+    pub async fn demote(self: &Arc<Self>) -> Result<String, Failure> {
         if self.role() == Role::Secondary {
             return Ok("already secondary".into());
         }
         let clients = self.nbd_clients();
         if clients > 0 {
-            return Err(Refused::state(format!(
+            return Err(Failure::refused(format!(
                 "{clients} NBD client(s) still connected; disconnect them before demoting"
             )));
         }
@@ -581,7 +560,7 @@ impl Node {
         self.store
             .flush()
             .await
-            .map_err(|e| Refused::error(format!("flush failed: {e}")))?;
+            .map_err(|e| Failure::error(format!("flush failed: {e}")))?;
         self.persist(|sb| {
             sb.flags.was_primary = false;
             sb.gens.set_primary(false);
@@ -639,9 +618,9 @@ impl Node {
     }
 
     /// `invalidate`: discard local data; a full resync from the peer follows.
-    pub async fn invalidate(self: &Arc<Self>) -> Result<String, Refused> {
+    pub async fn invalidate(self: &Arc<Self>) -> Result<String, Failure> {
         if self.role() == Role::Primary {
-            return Err(Refused::state(
+            return Err(Failure::refused(
                 "refusing to invalidate the primary's data; demote first",
             ));
         }
@@ -650,7 +629,7 @@ impl Node {
             let mut meta = self.meta();
             meta.set_all_out_of_sync();
             meta.flush_bitmap()
-                .map_err(|e| Refused::error(e.to_string()))?;
+                .map_err(|e| Failure::error(e.to_string()))?;
         }
         self.state().disk = DiskState::Inconsistent;
         self.event(

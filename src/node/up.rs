@@ -7,8 +7,8 @@ use tokio::sync::watch;
 
 use super::runtime::Node;
 use super::Role;
-use crate::cli::Failure;
 use crate::config::Config;
+use crate::failure::Failure;
 use crate::meta::fault::{MetaFault, MetaFaults};
 use crate::meta::Meta;
 use crate::nbd::{self, Listener};
@@ -24,10 +24,7 @@ pub async fn up(
     // With a fault file, SIGHUP reloads it; its handler goes in first, so a SIGHUP sent
     // while the node is still starting does not kill it (the default action).
     let hangup = match fault_file {
-        Some(_) => Some(
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?,
-        ),
+        Some(_) => Some(crate::signals::hangups()?),
         None => None,
     };
     let cfg = Config::load(config)?;
@@ -127,7 +124,7 @@ pub async fn up(
     let repl = tokio::spawn(async move { crate::repl::session::run(n).await });
     let n = node.clone();
     let control_path = me.control.clone();
-    let control = tokio::spawn(async move { crate::control::serve(n, &control_path).await });
+    let control = tokio::spawn(async move { super::control::serve(n, &control_path).await });
     tracing::info!(
         "node {} of {} up: {} bytes, NBD on {}, replication on {}, control at {}",
         me.name,
@@ -145,7 +142,7 @@ pub async fn up(
     let (stop_tx, stop_rx) = watch::channel(false);
     let n = node.clone();
     let stopper = tokio::spawn(async move {
-        crate::cli::wait_for_signal().await;
+        crate::signals::wait_for_signal().await;
         tracing::info!("shutting down {}: finishing in-flight requests", n.me.name);
         let _ = stop_tx.send(true);
     });

@@ -78,7 +78,7 @@ fn read_secret(data: &Path, resource: &str) -> Result<Vec<u8>, String> {
         }
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    crate::config::strip_line_end(&mut s);
+    crate::secret::strip_line_end(&mut s);
     if s.is_empty() {
         return Err(format!("{} holds an empty secret", path.display()));
     }

@@ -1,5 +1,5 @@
-//! The admin socket of a running node: one JSON request per line, one JSON reply per line
-//! (`events` streams lines until the client goes away).
+//! The node's side of its admin socket: one JSON request per line, one JSON reply per line
+//! (`events` streams lines until the client goes away). The client is `crate::control`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::node::runtime::{Node, Refused};
+use super::runtime::Node;
+use crate::failure::Failure;
 
 pub async fn serve(node: Arc<Node>, path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
@@ -46,19 +47,12 @@ async fn handle(node: Arc<Node>, sock: UnixStream) -> std::io::Result<()> {
         let req: Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             Err(e) => {
-                reply(
-                    &mut w,
-                    &Err(Refused {
-                        code: 2,
-                        message: format!("bad request: {e}"),
-                    }),
-                )
-                .await?;
+                reply(&mut w, &Err(Failure::usage(format!("bad request: {e}")))).await?;
                 continue;
             }
         };
         let flag = |k: &str| req.get(k).and_then(Value::as_bool).unwrap_or(false);
-        let result: Result<Value, Refused> = match req
+        let result: Result<Value, Failure> = match req
             .get("cmd")
             .and_then(Value::as_str)
             .unwrap_or("")
@@ -84,8 +78,8 @@ async fn handle(node: Arc<Node>, sock: UnixStream) -> std::io::Result<()> {
                             json!({"message": "verify finished", "mismatched_bytes": p.mismatched_bytes,
                                                "done_bytes": p.done_bytes}),
                         ),
-                        Ok(Err(e)) => Err(Refused::state(e)),
-                        Err(e) => Err(Refused::error(e.to_string())),
+                        Ok(Err(e)) => Err(Failure::refused(e)),
+                        Err(e) => Err(Failure::error(e.to_string())),
                     }
                 } else {
                     Ok(json!({"message": "verify started"}))
@@ -114,10 +108,7 @@ async fn handle(node: Arc<Node>, sock: UnixStream) -> std::io::Result<()> {
                     }
                 }
             }
-            other => Err(Refused {
-                code: 2,
-                message: format!("unknown command {other:?}"),
-            }),
+            other => Err(Failure::usage(format!("unknown command {other:?}"))),
         };
         reply(&mut w, &result).await?;
     }
@@ -126,7 +117,7 @@ async fn handle(node: Arc<Node>, sock: UnixStream) -> std::io::Result<()> {
 
 /// Ask for the link and wait (briefly) for the handshake's verdict, so a split brain or a
 /// refusal is reported to the operator with exit code 3.
-async fn connect(node: &Node, discard_my_data: bool) -> Result<Value, Refused> {
+async fn connect(node: &Node, discard_my_data: bool) -> Result<Value, Failure> {
     use crate::node::runtime::Conn;
     let message = node.connect(discard_my_data);
     let mut changes = node.watch_changes();
@@ -135,10 +126,10 @@ async fn connect(node: &Node, discard_my_data: bool) -> Result<Value, Refused> {
         {
             let st = node.state();
             if let Some(sb) = &st.split_brain {
-                return Err(Refused::state(format!("split brain detected: {sb}")));
+                return Err(Failure::refused(format!("split brain detected: {sb}")));
             }
             if let Some(r) = &st.last_refusal {
-                return Err(Refused::state(format!("connection refused: {r}")));
+                return Err(Failure::refused(format!("connection refused: {r}")));
             }
             if st.conn != Conn::Connecting && st.conn != Conn::StandAlone {
                 return Ok(json!({"message": format!("connected ({})", st.conn.as_str())}));
@@ -155,38 +146,11 @@ async fn connect(node: &Node, discard_my_data: bool) -> Result<Value, Refused> {
 
 async fn reply(
     w: &mut tokio::net::unix::OwnedWriteHalf,
-    r: &Result<Value, Refused>,
+    r: &Result<Value, Failure>,
 ) -> std::io::Result<()> {
     let v = match r {
         Ok(v) => json!({"ok": true, "result": v}),
         Err(e) => json!({"ok": false, "code": e.code, "error": e.message}),
     };
     w.write_all(format!("{v}\n").as_bytes()).await
-}
-
-/// Client side: send one request and read one reply. `Err` means the daemon is unreachable.
-pub async fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
-    let sock = UnixStream::connect(path).await?;
-    let (r, mut w) = sock.into_split();
-    w.write_all(format!("{req}\n").as_bytes()).await?;
-    let mut lines = BufReader::new(r).lines();
-    let line = lines.next_line().await?.ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "daemon closed the connection",
-        )
-    })?;
-    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
-
-/// Client side: stream `events` lines to `out` until EOF.
-pub async fn stream_events(path: &Path, mut out: impl FnMut(&str)) -> std::io::Result<()> {
-    let sock = UnixStream::connect(path).await?;
-    let (r, mut w) = sock.into_split();
-    w.write_all(b"{\"cmd\":\"events\"}\n").await?;
-    let mut lines = BufReader::new(r).lines();
-    while let Some(line) = lines.next_line().await? {
-        out(&line);
-    }
-    Ok(())
 }
