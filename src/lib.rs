@@ -16,6 +16,7 @@ pub mod policy;
 pub mod repl;
 pub mod secret;
 pub mod signals;
+pub mod state;
 pub mod store;
 pub mod units;
 pub mod witness;

@@ -71,7 +71,7 @@ async fn handle(node: Arc<Node>, sock: UnixStream) -> std::io::Result<()> {
             "disconnect" => Ok(json!({"message": node.disconnect().await})),
             "invalidate" => node.invalidate().await.map(|m| json!({"message": m})),
             "verify" => {
-                let run = tokio::spawn(crate::repl::session::verify(node.clone()));
+                let run = tokio::spawn(super::resync::verify(node.clone()));
                 if flag("wait") {
                     match run.await {
                         Ok(Ok(p)) => Ok(

@@ -1,42 +1,16 @@
-//! The node: role, disk and connection state, and the pure decisions that drive them.
+//! The node: its state and the pure decisions that drive it (`decide`), the running node
+//! (`runtime`, `failover`), its peer link (`handshake`, `dispatch`, `resync`), the store it
+//! serves (`replicated`), its admin socket (`control`) and `up`.
 
 pub mod control;
 pub mod decide;
+mod dispatch;
 pub mod failover;
+mod handshake;
+pub mod replicated;
+pub mod resync;
 pub mod runtime;
 pub mod up;
 
-use serde::{Deserialize, Serialize};
-
-/// A node's role for the resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Primary,
-    Secondary,
-}
-
-/// The state of a node's local data, as DRBD names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum DiskState {
-    Diskless,
-    /// Being written by a resync; not usable as a source.
-    Inconsistent,
-    /// Consistent but known to miss writes the peer has.
-    Outdated,
-    /// Consistent; whether it is the newest copy is not known (peer unreachable).
-    Consistent,
-    UpToDate,
-}
-
-impl DiskState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Diskless => "Diskless",
-            Self::Inconsistent => "Inconsistent",
-            Self::Outdated => "Outdated",
-            Self::Consistent => "Consistent",
-            Self::UpToDate => "UpToDate",
-        }
-    }
-}
+pub use crate::state::{DiskState, Role};
+pub use handshake::run as run_link;

@@ -342,7 +342,7 @@ impl Node {
             // What this node sent and the peer has not flushed: ask it to, so it is not
             // marked for resync (empty during a handshake, when the peer reads no requests).
             if !link.unflushed.is_empty() {
-                crate::repl::session::peer_flush(&link).await;
+                crate::repl::requests::peer_flush(&link).await;
             }
             link.quiesce();
             match self.store.flush().await {

@@ -5,6 +5,7 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
 
+use super::replicated::ReplicatedStore;
 use super::runtime::Node;
 use super::Role;
 use crate::config::Config;
@@ -12,7 +13,6 @@ use crate::failure::Failure;
 use crate::meta::fault::{MetaFault, MetaFaults};
 use crate::meta::Meta;
 use crate::nbd::{self, Listener};
-use crate::repl::replicated::ReplicatedStore;
 use crate::store::{self, BackingOptions, EngineChoice, FaultRule, FaultStore, SharedStore};
 
 pub async fn up(
@@ -121,7 +121,7 @@ pub async fn up(
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", me.nbd))?;
     let n = node.clone();
-    let repl = tokio::spawn(async move { crate::repl::session::run(n).await });
+    let repl = tokio::spawn(async move { super::run_link(n).await });
     let n = node.clone();
     let control_path = me.control.clone();
     let control = tokio::spawn(async move { super::control::serve(n, &control_path).await });

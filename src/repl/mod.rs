@@ -1,9 +1,9 @@
-//! Replication between the two nodes: the peer protocol, the link, range locks, the
-//! replicated store the primary serves NBD from, resync and online verify.
+//! The peer link's transport: the wire protocol (`proto`), a link with its request and answer
+//! bookkeeping (`link`, `requests`), range locks, and what the peer has not flushed. What a
+//! node does with the link is in the `node` module.
 
 pub mod link;
 pub mod proto;
 pub mod ranges;
-pub mod replicated;
-pub mod session;
+pub mod requests;
 pub mod unflushed;

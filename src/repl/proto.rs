@@ -15,7 +15,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::meta::Generations;
-use crate::node::{DiskState, Role};
+use crate::state::{DiskState, Role};
 
 pub const PROTOCOL_VERSION: u32 = 2;
 pub const FRAME_MAGIC: u32 = 0x544e_444d; // "TNDM"

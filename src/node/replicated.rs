@@ -9,14 +9,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::link::Link;
-use super::proto::Message;
-use super::session::{
-    peer_flush, replicate_control, replicate_write, resync_while_connected, Replicated,
-};
-use crate::node::failover::Hold;
-use crate::node::runtime::Node;
-use crate::node::Role;
+use super::failover::Hold;
+use super::resync::resync_while_connected;
+use super::runtime::Node;
+use super::Role;
+use crate::repl::link::Link;
+use crate::repl::proto::Message;
+use crate::repl::requests::{peer_flush, replicate_control, replicate_write, Replicated};
 use crate::store::{BlockStore, Extent, IoFuture};
 
 /// Writes larger than this that cannot pin their extents fail instead of waiting (a range
