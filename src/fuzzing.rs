@@ -1281,6 +1281,7 @@ pub fn peer_messages() -> Vec<peer::Message> {
         Message::Goodbye {
             reason: "disconnect".into(),
         },
+        Message::Verifying { active: true },
     ]
 }
 

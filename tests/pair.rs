@@ -304,6 +304,14 @@ fn overlapping_writes_then_verify_finds_nothing_and_a_planted_difference_is_foun
     fio_verify(&p.uri("alpha"), "1M", &["--rw=randwrite", "--loops=20"]);
     let out = p.ok("alpha", &["verify", "--wait"]);
     assert!(out.contains(" 0 mismatched"), "{out}");
+    // The peer showed VerifyTarget meanwhile, and is Connected again.
+    p.wait_for("beta", "the end of the peer's verify", 10, |s| {
+        s["connection"] == "Connected"
+            && p.log("beta").contains("verify against this node finished")
+    });
+    assert!(p
+        .log("beta")
+        .contains("alpha's verify against this node started"));
     // Plant a difference in beta's copy behind tandem's back (bit rot).
     let f = std::fs::OpenOptions::new()
         .write(true)

@@ -131,8 +131,8 @@ async fn connect(node: &Node, discard_my_data: bool) -> Result<Value, Failure> {
             if let Some(r) = &st.last_refusal {
                 return Err(Failure::refused(format!("connection refused: {r}")));
             }
-            if st.conn != Conn::Connecting && st.conn != Conn::StandAlone {
-                return Ok(json!({"message": format!("connected ({})", st.conn.as_str())}));
+            if st.conn() != Conn::Connecting && st.conn() != Conn::StandAlone {
+                return Ok(json!({"message": format!("connected ({})", st.conn().as_str())}));
             }
         }
         if tokio::time::timeout_at(deadline, changes.changed())

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::core::Cause;
 use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
 use super::runtime::Node;
 use super::{DiskState, Role};
@@ -308,7 +309,7 @@ impl Node {
                     }
                 }
                 Fencing::Handler => {
-                    let up = self.state().disk == DiskState::UpToDate;
+                    let up = self.state().disk() == DiskState::UpToDate;
                     match handler::decide(&self.run_handler().await, up) {
                         HandlerDecision::PeerFenced(why) => {
                             if self.link().is_some() {
@@ -342,7 +343,7 @@ impl Node {
         tokio::spawn(async move {
             let still = || {
                 n.lapsed_in.load(Ordering::Relaxed) == epoch + 1
-                    && n.state().disk == DiskState::Outdated
+                    && n.state().disk() == DiskState::Outdated
                     && n.meta().superblock().epoch == epoch
             };
             let Some(w) = n.witness_view(still).await else {
@@ -432,7 +433,7 @@ impl Node {
                 self.set_note(None);
                 return;
             };
-            let disk = self.state().disk;
+            let disk = self.state().disk();
             if disk != DiskState::UpToDate {
                 self.set_note(Some(format!("not promoting: disk is {}", disk.as_str())));
                 return;
@@ -509,8 +510,8 @@ impl Node {
         auto_promotion_blocked(
             self.cfg.failover.auto,
             self.cfg.failover.fencing,
-            st.disk,
-            st.role,
+            st.disk(),
+            st.role(),
             peer_was_primary,
         )
     }
@@ -565,7 +566,7 @@ impl Node {
         let link = self.link()?;
         let peer = Side::of(&self.peer_cfg.name, &link.peer.lock().unwrap());
         let me = Side::of(&self.me.name, &self.my_peer_state());
-        let connected = self.state().conn == super::runtime::Conn::Connected;
+        let connected = self.state().conn() == super::runtime::Conn::Connected;
         (connected
             && nobody_promotable(&me, &peer).is_some()
             && me.out_of_sync_bytes == 0
@@ -590,7 +591,7 @@ impl Node {
     fn peer_connected_in_sync(&self) -> bool {
         self.link()
             .is_some_and(|l| l.peer.lock().unwrap().disk == DiskState::UpToDate)
-            && self.state().conn == super::runtime::Conn::Connected
+            && self.state().conn() == super::runtime::Conn::Connected
     }
 
     /// Mark this node's data Outdated (persisted): it will not promote automatically.
@@ -600,21 +601,27 @@ impl Node {
             tracing::error!("recording the outdated disk failed: {e}");
         }
         let mut st = self.state();
-        if st.disk == DiskState::UpToDate || st.disk == DiskState::Consistent {
-            st.disk = DiskState::Outdated;
+        if st.disk() == DiskState::UpToDate || st.disk() == DiskState::Consistent {
+            st.set_disk(DiskState::Outdated, Cause::Outdate);
             drop(st);
             self.event("disk", json!({"disk": "Outdated", "reason": why}));
         }
     }
 
-    /// Undo `outdate_myself` (persisted first); false if that failed.
+    /// Undo `outdate_myself` (persisted first); false if that failed, or if the copy is no
+    /// longer Outdated (e.g. it became a sync target while the witness was asked).
     fn outdated_no_more(&self, why: &str) -> bool {
         self.lapsed_in.store(0, Ordering::Relaxed);
+        let mut st = self.state();
+        if st.disk() != DiskState::Outdated {
+            return false;
+        }
         if let Err(e) = self.meta().update(|sb| sb.flags.outdated = false) {
             tracing::error!("recording the UpToDate copy failed: {e}");
             return false;
         }
-        self.state().disk = DiskState::UpToDate;
+        st.set_disk(DiskState::UpToDate, Cause::ProvenCurrent);
+        drop(st);
         tracing::warn!("data UpToDate again: {why}");
         self.event("disk", json!({"disk": "UpToDate", "reason": why}));
         true
@@ -711,7 +718,7 @@ impl Node {
         } else {
             Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
         };
-        self.state().role = Role::Primary;
+        self.state().set_role(Role::Primary, Cause::Promote);
         self.lost_primary_role.store(false, Ordering::Relaxed);
         self.set_fence(fence);
         let msg = format!("promoted to primary: {why}");
@@ -830,10 +837,10 @@ impl Node {
         self.set_fence(Fence::Lost(why.clone()));
         {
             let mut st = self.state();
-            if st.role != Role::Primary {
+            if st.role() != Role::Primary {
                 return;
             }
-            st.role = Role::Secondary;
+            st.set_role(Role::Secondary, Cause::StepDown);
         }
         self.lost_primary_role.store(true, Ordering::Relaxed);
         if let Err(e) = self.meta().update(|sb| {
@@ -938,7 +945,7 @@ impl Node {
                 ))),
             },
             Fencing::Handler if link.is_none() => {
-                let up = self.state().disk == DiskState::UpToDate;
+                let up = self.state().disk() == DiskState::UpToDate;
                 match handler::decide(&self.run_handler().await, up) {
                     HandlerDecision::PeerFenced(why) => {
                         self.record_peer_outdated();
@@ -1013,7 +1020,7 @@ impl Node {
                 self.me.name
             )));
         }
-        let (peer_disk, conn) = (link.peer.lock().unwrap().disk, self.state().conn);
+        let (peer_disk, conn) = (link.peer.lock().unwrap().disk, self.state().conn());
         if peer_disk != DiskState::UpToDate || conn != super::runtime::Conn::Connected {
             return Err(Failure::refused(format!(
                 "{to} is {} and the link is {}; switchover needs it Connected and UpToDate",
@@ -1055,7 +1062,7 @@ impl Node {
             .await
             .map_err(|e| Failure::error(format!("flush failed: {e}")))?;
         {
-            self.state().role = Role::Secondary;
+            self.state().set_role(Role::Secondary, Cause::Demote);
             self.meta()
                 .update(|sb| {
                     sb.flags.was_primary = false;

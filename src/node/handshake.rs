@@ -9,6 +9,7 @@ use serde_json::json;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::core::{Cause, Change};
 use super::decide::{handshake as decide, Direction, Side, Verdict};
 use super::dispatch::{now_ms, ping_loop, read_loop};
 use super::resync::{resync_source, resync_while_connected};
@@ -213,10 +214,11 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
                     }
                 }
             } else {
-                if node.state().disk == DiskState::Outdated && peer.disk == DiskState::UpToDate {
+                if node.state().disk() == DiskState::Outdated && peer.disk == DiskState::UpToDate {
                     // Same data as an UpToDate peer: not outdated after all.
                     let _ = node.persist(|sb| sb.flags.outdated = false);
-                    node.state().disk = DiskState::UpToDate;
+                    node.state()
+                        .set_disk(DiskState::UpToDate, Cause::ProvenCurrent);
                 }
                 (Conn::Connected, false)
             }
@@ -236,7 +238,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
                 let mut st = node.state();
                 st.split_brain = Some(explain.clone());
                 st.want_connect = false;
-                st.conn = Conn::StandAlone;
+                st.set_conn(Conn::StandAlone, Cause::HandshakeRefused);
             }
             tracing::error!(
                 "split brain detected with {}: {explain}",
@@ -253,7 +255,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
                 let mut st = node.state();
                 st.last_refusal = Some(explain.clone());
                 st.want_connect = false;
-                st.conn = Conn::StandAlone;
+                st.set_conn(Conn::StandAlone, Cause::HandshakeRefused);
             }
             tracing::error!("refusing to connect to {}: {reason}", node.peer_cfg.name);
             node.event(
@@ -300,17 +302,29 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             "local state changed during the handshake".into(),
         ));
     }
+    if node.state().conn() != Conn::Connecting {
+        // `disconnect` while the states were in flight: the operator wants the link down.
+        node.drop_link("peer disconnected by operator", "disconnected by operator")
+            .await;
+        return Err(HandshakeError::Protocol(
+            "disconnected by the operator during the handshake".into(),
+        ));
+    }
     // Writes held by fencing go to this link now.
     node.set_fence(crate::node::failover::Fence::Clear);
     {
         let mut st = node.state();
-        st.conn = conn;
         st.discard_my_data = false;
         st.last_refusal = None;
         if conn == Conn::SyncTarget {
-            st.disk = DiskState::Inconsistent;
+            st.go(
+                Change::conn(conn).and_disk(DiskState::Inconsistent),
+                Cause::Handshake,
+            );
             // Whatever the copy was, it becomes the source's.
             node.lapsed_in.store(0, Ordering::Relaxed);
+        } else {
+            st.set_conn(conn, Cause::Handshake);
         }
         let total = node.meta().out_of_sync_bytes();
         if matches!(conn, Conn::SyncSource | Conn::SyncTarget) {

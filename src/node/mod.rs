@@ -3,6 +3,7 @@
 //! serves (`replicated`), its admin socket (`control`) and `up`.
 
 pub mod control;
+pub mod core;
 pub mod decide;
 mod dispatch;
 pub mod failover;

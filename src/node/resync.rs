@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::json;
 
+use super::core::{Cause, Change};
 use super::runtime::{Conn, Node, Progress};
 use super::{DiskState, Role};
 use crate::repl::link::{Link, LinkLost, Reply};
@@ -53,8 +54,12 @@ pub(super) fn resync_finished_as_target(
     }
     {
         let mut st = node.state();
-        st.disk = disk;
-        st.conn = Conn::Connected;
+        // After an online resync this node was Connected all along (or verifying).
+        let conn = match st.conn() {
+            Conn::SyncTarget => Conn::Connected,
+            other => other,
+        };
+        st.go(Change::conn(conn).and_disk(disk), Cause::ResyncEnd);
         st.resync = None;
     }
     tracing::info!("resync finished: this node is {}", disk.as_str());
@@ -120,14 +125,14 @@ fn claim_online_resync(node: &Node, link: &Arc<Link>) -> bool {
     let total = {
         let mut st = node.state();
         let current = node.link().is_some_and(|l| Arc::ptr_eq(&l, link));
-        if st.role != Role::Primary || st.conn != Conn::Connected || !current {
+        if st.role() != Role::Primary || st.conn() != Conn::Connected || !current {
             return false;
         }
         let total = node.meta().out_of_sync_bytes();
         if total == 0 {
             return false;
         }
-        st.conn = Conn::SyncSource;
+        st.set_conn(Conn::SyncSource, Cause::ResyncStart);
         st.resync = Some(Progress::new(total));
         total
     };
@@ -258,8 +263,8 @@ async fn resync_round(node: Arc<Node>, link: Arc<Link>) -> Round {
     }
     let done = {
         let mut st = node.state();
-        if st.conn == Conn::SyncSource {
-            st.conn = Conn::Connected;
+        if st.conn() == Conn::SyncSource {
+            st.set_conn(Conn::Connected, Cause::ResyncEnd);
         }
         st.resync.take()
     };
@@ -369,12 +374,13 @@ pub async fn verify(node: Arc<Node>) -> Result<Progress, String> {
     let link = node.link().ok_or("not connected to the peer")?;
     {
         let mut st = node.state();
-        if st.conn != Conn::Connected {
-            return Err(format!("cannot verify while {}", st.conn.as_str()));
+        if st.conn() != Conn::Connected {
+            return Err(format!("cannot verify while {}", st.conn().as_str()));
         }
-        st.conn = Conn::VerifySource;
+        st.set_conn(Conn::VerifySource, Cause::Verify);
         st.verify = Some(Progress::new(node.size));
     }
+    let _ = link.send(&Message::Verifying { active: true }).await;
     node.event("verify", json!({"state": "started"}));
     let mut offset = 0;
     let result = loop {
@@ -416,13 +422,14 @@ pub async fn verify(node: Arc<Node>) -> Result<Progress, String> {
     };
     let progress = {
         let mut st = node.state();
-        if st.conn == Conn::VerifySource {
-            st.conn = Conn::Connected;
+        if st.conn() == Conn::VerifySource {
+            st.set_conn(Conn::Connected, Cause::Verify);
         }
         let p = st.verify.take();
         st.last_verify = p.clone();
         p
     };
+    let _ = link.send(&Message::Verifying { active: false }).await;
     let _ = node.meta().flush_bitmap();
     let p = progress.unwrap_or_else(|| Progress::new(node.size));
     node.event(

@@ -9,6 +9,8 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
+use super::core::Cause;
+pub use super::core::{Conn, Progress, State};
 use super::failover::Fence;
 use super::{DiskState, Role};
 use crate::config::{Config, NodeConfig};
@@ -19,88 +21,6 @@ use crate::repl::link::Link;
 use crate::repl::proto::{Message, PeerState};
 use crate::repl::ranges::RangeLocks;
 use crate::store::SharedStore;
-
-/// Connection states as status reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Conn {
-    StandAlone,
-    Connecting,
-    Connected,
-    SyncSource,
-    SyncTarget,
-    VerifySource,
-    VerifyTarget,
-}
-
-impl Conn {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::StandAlone => "StandAlone",
-            Self::Connecting => "Connecting",
-            Self::Connected => "Connected",
-            Self::SyncSource => "SyncSource",
-            Self::SyncTarget => "SyncTarget",
-            Self::VerifySource => "VerifySource",
-            Self::VerifyTarget => "VerifyTarget",
-        }
-    }
-}
-
-/// Progress of a resync or verify run.
-#[derive(Debug, Clone)]
-pub struct Progress {
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub started: Instant,
-    pub mismatched_bytes: u64,
-    /// Resync: bytes actually sent (less than done_bytes with checksum-based resync).
-    pub transferred_bytes: u64,
-}
-
-impl Progress {
-    pub fn new(total_bytes: u64) -> Self {
-        Self {
-            done_bytes: 0,
-            total_bytes,
-            started: Instant::now(),
-            mismatched_bytes: 0,
-            transferred_bytes: 0,
-        }
-    }
-
-    fn to_json(&self, verify: bool) -> Value {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let mut v = json!({
-            "done_bytes": self.done_bytes,
-            "total_bytes": self.total_bytes,
-            "bytes_per_sec": (self.done_bytes as f64 / secs) as u64,
-        });
-        if verify {
-            v["mismatched_bytes"] = json!(self.mismatched_bytes);
-        } else {
-            v["transferred_bytes"] = json!(self.transferred_bytes);
-        }
-        v
-    }
-}
-
-pub struct State {
-    pub role: Role,
-    pub disk: DiskState,
-    pub conn: Conn,
-    /// The operator wants the link up (`connect`), as opposed to StandAlone (`disconnect`,
-    /// or a split brain / refusal that needs the operator).
-    pub want_connect: bool,
-    pub discard_my_data: bool,
-    /// Set when a split brain was detected; cleared by `connect`.
-    pub split_brain: Option<String>,
-    /// Why the last connection attempt was refused, for status.
-    pub last_refusal: Option<String>,
-    pub resync: Option<Progress>,
-    pub verify: Option<Progress>,
-    /// Result of the last finished verify.
-    pub last_verify: Option<Progress>,
-}
 
 /// The current peer link, and whether new links are held off by a promotion.
 #[derive(Default)]
@@ -192,18 +112,7 @@ impl Node {
             store,
             size,
             meta: Mutex::new(meta),
-            st: Mutex::new(State {
-                role: Role::Secondary,
-                disk,
-                conn: Conn::Connecting,
-                want_connect: true,
-                discard_my_data: false,
-                split_brain: None,
-                last_refusal: None,
-                resync: None,
-                verify: None,
-                last_verify: None,
-            }),
+            st: Mutex::new(State::new(disk)),
             link: Mutex::new(LinkSlot::default()),
             locks: RangeLocks::default(),
             events,
@@ -240,7 +149,7 @@ impl Node {
     }
 
     pub fn role(&self) -> Role {
-        self.state().role
+        self.state().role()
     }
 
     pub fn link(&self) -> Option<Arc<Link>> {
@@ -293,12 +202,13 @@ impl Node {
         tracing::warn!("connection to {} lost: {why}", self.peer_cfg.name);
         let mut st = self.state();
         self.primary_when_peer_lost
-            .store(st.role == Role::Primary, Ordering::Relaxed);
-        st.conn = if st.want_connect {
+            .store(st.role() == Role::Primary, Ordering::Relaxed);
+        let to = if st.want_connect {
             Conn::Connecting
         } else {
             Conn::StandAlone
         };
+        st.set_conn(to, Cause::LinkLost);
         st.resync = None;
         st.verify = None;
         // A sync target whose resync did not finish stays Inconsistent.
@@ -388,8 +298,8 @@ impl Node {
         let meta = self.meta();
         let sb = meta.superblock();
         PeerState {
-            role: st.role,
-            disk: st.disk,
+            role: st.role(),
+            disk: st.disk(),
             gens: sb.gens,
             crashed_primary: sb.flags.crashed_primary,
             out_of_sync_bytes: meta.out_of_sync_bytes(),
@@ -433,7 +343,7 @@ impl Node {
                     node: name.to_owned(),
                 };
                 crate::node::decide::nobody_promotable(
-                    &side(&self.me.name, st.role, st.disk),
+                    &side(&self.me.name, st.role(), st.disk()),
                     &side(node, *role, *disk),
                 )
             });
@@ -442,9 +352,9 @@ impl Node {
         json!({
             "resource": self.cfg.resource.name,
             "node": self.me.name,
-            "role": role_str(st.role),
-            "disk": st.disk.as_str(),
-            "connection": st.conn.as_str(),
+            "role": role_str(st.role()),
+            "disk": st.disk().as_str(),
+            "connection": st.conn().as_str(),
             "peer": peer,
             "split_brain": st.split_brain.is_some(),
             "split_brain_detail": st.split_brain,
@@ -463,10 +373,11 @@ impl Node {
             "failover": failover,
             "nbd": {
                 "listen": self.me.nbd.to_string(),
-                "serving": st.role == Role::Primary,
+                "serving": st.role() == Role::Primary,
                 "clients": self.nbd_clients(),
             },
             "engine": self.store.engine(),
+            "illegal_transitions": st.illegal_transitions(),
         })
     }
 
@@ -481,7 +392,7 @@ impl Node {
     pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String, Failure> {
         let (role, disk) = {
             let st = self.state();
-            (st.role, st.disk)
+            (st.role(), st.disk())
         };
         if role == Role::Primary {
             return Ok("already primary".into());
@@ -529,7 +440,8 @@ impl Node {
             meta.flush_bitmap()
                 .map_err(|e| Failure::error(e.to_string()))?;
             drop(meta);
-            self.state().disk = DiskState::UpToDate;
+            self.state()
+                .set_disk(DiskState::UpToDate, Cause::ForcePromote);
         }
         self.become_primary(epoch, &why, force)
             .await
@@ -565,7 +477,7 @@ impl Node {
             sb.flags.was_primary = false;
             sb.gens.set_primary(false);
         })?;
-        self.state().role = Role::Secondary;
+        self.state().set_role(Role::Secondary, Cause::Demote);
         self.lost_primary_role.store(false, Ordering::Relaxed);
         self.release_lease().await;
         self.set_fence(Fence::Clear);
@@ -585,8 +497,8 @@ impl Node {
         st.discard_my_data = discard_my_data;
         st.split_brain = None;
         st.last_refusal = None;
-        if st.conn == Conn::StandAlone {
-            st.conn = Conn::Connecting;
+        if st.conn() == Conn::StandAlone {
+            st.set_conn(Conn::Connecting, Cause::Connect);
         }
         drop(st);
         self.event(
@@ -605,11 +517,12 @@ impl Node {
         {
             let mut st = self.state();
             st.want_connect = false;
-            st.conn = Conn::StandAlone;
+            st.set_conn(Conn::StandAlone, Cause::Disconnect);
         }
         self.drop_link("peer disconnected by operator", "disconnected by operator")
             .await;
-        self.state().conn = Conn::StandAlone;
+        // A handshake that ended meanwhile has seen `want_connect` and left it StandAlone.
+        self.state().set_conn(Conn::StandAlone, Cause::Disconnect);
         self.event(
             "connection",
             json!({"state": "StandAlone", "reason": "operator request"}),
@@ -631,7 +544,8 @@ impl Node {
             meta.flush_bitmap()
                 .map_err(|e| Failure::error(e.to_string()))?;
         }
-        self.state().disk = DiskState::Inconsistent;
+        self.state()
+            .set_disk(DiskState::Inconsistent, Cause::Invalidate);
         self.event(
             "disk",
             json!({"disk": "Inconsistent", "reason": "invalidate"}),

@@ -136,7 +136,7 @@ pub async fn up(
     );
     node.event(
         "up",
-        serde_json::json!({"disk": node.state().disk.as_str()}),
+        serde_json::json!({"disk": node.state().disk().as_str()}),
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::meta::Generations;
 use crate::state::{DiskState, Role};
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const FRAME_MAGIC: u32 = 0x544e_444d; // "TNDM"
 pub const HEADER_LEN: usize = 32;
 /// Largest body of any frame: a 32 MiB write plus slack; anything larger is garbage.
@@ -125,6 +125,11 @@ pub enum Message {
     /// Orderly shutdown of the link (e.g. `disconnect`): no reconnect decision is implied.
     Goodbye {
         reason: String,
+    },
+    /// The sender starts (`true`) or ends an online verify against this node, which shows
+    /// VerifyTarget meanwhile.
+    Verifying {
+        active: bool,
     },
 }
 

@@ -920,6 +920,9 @@ class Nemesis:
                 if "panicked" in line:
                     panics += 1
                     self.finding("panic", f"{name}: " + " | ".join(lines[i:i + 4]))
+                elif "illegal state transition" in line:
+                    # An edge the node's transition table does not have (src/node/core.rs).
+                    self.finding("illegal transition", f"{name}: {line}")
                 elif name in cl.NODES and re.search(r"split.brain", line, re.I):
                     self.notes.append(f"{name}: {line}")
         for n in self.notes[:20]:

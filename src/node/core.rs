@@ -1,0 +1,467 @@
+//! The node's state (role, disk and connection, and what goes with them) and the table of
+//! every change it may make (issue 12, after Crucible's checked transitions). The fields that
+//! make up the state machine are private: they change only through `State::go`, which names
+//! the cause and checks the edge against the table. An edge the table does not have is a bug:
+//! a debug build (every test's node) aborts on it, so the test that reached it fails; a
+//! release build logs it, counts it in `status` (`illegal_transitions`) and carries on, and
+//! the nemesis fails its run on such a log line.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::{DiskState, Role};
+
+/// Connection states as status reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conn {
+    StandAlone,
+    Connecting,
+    Connected,
+    SyncSource,
+    SyncTarget,
+    VerifySource,
+    VerifyTarget,
+}
+
+impl Conn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StandAlone => "StandAlone",
+            Self::Connecting => "Connecting",
+            Self::Connected => "Connected",
+            Self::SyncSource => "SyncSource",
+            Self::SyncTarget => "SyncTarget",
+            Self::VerifySource => "VerifySource",
+            Self::VerifyTarget => "VerifyTarget",
+        }
+    }
+
+    /// A link is up (whatever runs over it).
+    pub fn is_linked(self) -> bool {
+        !matches!(self, Self::StandAlone | Self::Connecting)
+    }
+}
+
+/// Progress of a resync or verify run.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub started: Instant,
+    pub mismatched_bytes: u64,
+    /// Resync: bytes actually sent (less than done_bytes with checksum-based resync).
+    pub transferred_bytes: u64,
+}
+
+impl Progress {
+    pub fn new(total_bytes: u64) -> Self {
+        Self {
+            done_bytes: 0,
+            total_bytes,
+            started: Instant::now(),
+            mismatched_bytes: 0,
+            transferred_bytes: 0,
+        }
+    }
+
+    pub fn to_json(&self, verify: bool) -> Value {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let mut v = json!({
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "bytes_per_sec": (self.done_bytes as f64 / secs) as u64,
+        });
+        if verify {
+            v["mismatched_bytes"] = json!(self.mismatched_bytes);
+        } else {
+            v["transferred_bytes"] = json!(self.transferred_bytes);
+        }
+        v
+    }
+}
+
+/// What moves the state. Every transition names one, and the table allows each edge only for
+/// the causes that may take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// `primary` or an automatic takeover, with fencing done.
+    Promote,
+    /// `primary --force` of a copy that is not UpToDate: it becomes the reference.
+    ForcePromote,
+    /// `secondary`, or the old primary's half of a switchover.
+    Demote,
+    /// The lease ran out, or the peer holds a newer epoch.
+    StepDown,
+    /// `connect`.
+    Connect,
+    /// `disconnect`.
+    Disconnect,
+    /// The sync handshake decided (connected, or which side resyncs).
+    Handshake,
+    /// The handshake found a split brain or refused; only an operator goes on.
+    HandshakeRefused,
+    /// The link went away.
+    LinkLost,
+    /// Blocks marked while connected are pushed to the peer.
+    ResyncStart,
+    /// A resync finished (either side).
+    ResyncEnd,
+    /// This node runs an online verify.
+    Verify,
+    /// The peer runs an online verify against this node.
+    PeerVerify,
+    /// This copy lacks writes the other has (its apply failed, its lease ran out, the peer
+    /// was promoted).
+    Outdate,
+    /// The witness, or an identical UpToDate peer, proved this copy current.
+    ProvenCurrent,
+    /// `invalidate`: a full resync from the peer follows.
+    Invalidate,
+}
+
+use Cause as C;
+use Conn::*;
+use DiskState::{Consistent, Inconsistent, Outdated, UpToDate};
+use Role::{Primary, Secondary};
+
+/// Every allowed role change. (A change to the same value is no change and always allowed.)
+pub const ROLE_EDGES: &[(Role, Role, Cause)] = &[
+    (Secondary, Primary, C::Promote),
+    (Primary, Secondary, C::Demote),
+    (Primary, Secondary, C::StepDown),
+];
+
+/// Every allowed disk-state change. Diskless is never entered: detaching a failed disk
+/// (DESIGN.md invariant 9) is not built yet. Consistent is never entered either (a node
+/// starts UpToDate, Outdated or Inconsistent from its flags); it may only leave.
+pub const DISK_EDGES: &[(DiskState, DiskState, Cause)] = &[
+    (UpToDate, Outdated, C::Outdate),
+    (Consistent, Outdated, C::Outdate),
+    (Outdated, UpToDate, C::ProvenCurrent),
+    (Outdated, UpToDate, C::ForcePromote),
+    (Inconsistent, UpToDate, C::ForcePromote),
+    (Consistent, UpToDate, C::ForcePromote),
+    // Becoming a sync target, or discarding the data on request.
+    (UpToDate, Inconsistent, C::Handshake),
+    (Outdated, Inconsistent, C::Handshake),
+    (Consistent, Inconsistent, C::Handshake),
+    (UpToDate, Inconsistent, C::Invalidate),
+    (Outdated, Inconsistent, C::Invalidate),
+    (Consistent, Inconsistent, C::Invalidate),
+    // A finished resync makes the copy as current as its source.
+    (Inconsistent, UpToDate, C::ResyncEnd),
+    (Inconsistent, Outdated, C::ResyncEnd),
+    (Outdated, UpToDate, C::ResyncEnd),
+    (UpToDate, Outdated, C::ResyncEnd),
+];
+
+/// Every allowed connection-state change.
+pub const CONN_EDGES: &[(Conn, Conn, Cause)] = &[
+    (StandAlone, Connecting, C::Connect),
+    (Connecting, StandAlone, C::Disconnect),
+    (Connected, StandAlone, C::Disconnect),
+    (SyncSource, StandAlone, C::Disconnect),
+    (SyncTarget, StandAlone, C::Disconnect),
+    (VerifySource, StandAlone, C::Disconnect),
+    (VerifyTarget, StandAlone, C::Disconnect),
+    (Connecting, Connected, C::Handshake),
+    (Connecting, SyncSource, C::Handshake),
+    (Connecting, SyncTarget, C::Handshake),
+    (Connecting, StandAlone, C::HandshakeRefused),
+    (Connected, Connecting, C::LinkLost),
+    (SyncSource, Connecting, C::LinkLost),
+    (SyncTarget, Connecting, C::LinkLost),
+    (VerifySource, Connecting, C::LinkLost),
+    (VerifyTarget, Connecting, C::LinkLost),
+    // The link is lost after `disconnect` said it should stay down.
+    (Connected, StandAlone, C::LinkLost),
+    (SyncSource, StandAlone, C::LinkLost),
+    (SyncTarget, StandAlone, C::LinkLost),
+    (VerifySource, StandAlone, C::LinkLost),
+    (VerifyTarget, StandAlone, C::LinkLost),
+    (Connected, SyncSource, C::ResyncStart),
+    (SyncSource, Connected, C::ResyncEnd),
+    (SyncTarget, Connected, C::ResyncEnd),
+    (Connected, VerifySource, C::Verify),
+    (VerifySource, Connected, C::Verify),
+    (Connected, VerifyTarget, C::PeerVerify),
+    (VerifyTarget, Connected, C::PeerVerify),
+];
+
+/// Whether the table allows `from` → `to` for `cause`.
+pub fn allowed<T: PartialEq + Copy>(edges: &[(T, T, Cause)], from: T, to: T, cause: Cause) -> bool {
+    from == to
+        || edges
+            .iter()
+            .any(|&(f, t, c)| f == from && t == to && c == cause)
+}
+
+/// One change of the state machine's fields.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Change {
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+    pub conn: Option<Conn>,
+}
+
+impl Change {
+    pub fn role(role: Role) -> Self {
+        Self {
+            role: Some(role),
+            ..Self::default()
+        }
+    }
+    pub fn disk(disk: DiskState) -> Self {
+        Self {
+            disk: Some(disk),
+            ..Self::default()
+        }
+    }
+    pub fn conn(conn: Conn) -> Self {
+        Self {
+            conn: Some(conn),
+            ..Self::default()
+        }
+    }
+    pub fn and_disk(mut self, disk: DiskState) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+}
+
+/// Why `State::check` rejected a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Illegal(pub String);
+
+pub struct State {
+    role: Role,
+    disk: DiskState,
+    conn: Conn,
+    /// Edges taken that the table does not allow (release builds only; debug builds abort).
+    illegal: u64,
+    /// The operator wants the link up (`connect`), as opposed to StandAlone (`disconnect`,
+    /// or a split brain / refusal that needs the operator).
+    pub want_connect: bool,
+    pub discard_my_data: bool,
+    /// Set when a split brain was detected; cleared by `connect`.
+    pub split_brain: Option<String>,
+    /// Why the last connection attempt was refused, for status.
+    pub last_refusal: Option<String>,
+    pub resync: Option<Progress>,
+    pub verify: Option<Progress>,
+    /// Result of the last finished verify.
+    pub last_verify: Option<Progress>,
+}
+
+impl State {
+    /// A node as it starts: secondary, its disk as the metadata says, dialing its peer.
+    pub fn new(disk: DiskState) -> Self {
+        Self {
+            role: Role::Secondary,
+            disk,
+            conn: Conn::Connecting,
+            illegal: 0,
+            want_connect: true,
+            discard_my_data: false,
+            split_brain: None,
+            last_refusal: None,
+            resync: None,
+            verify: None,
+            last_verify: None,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+    pub fn conn(&self) -> Conn {
+        self.conn
+    }
+    pub fn illegal_transitions(&self) -> u64 {
+        self.illegal
+    }
+
+    /// Whether the table allows `change` for `cause`, naming the first edge it does not.
+    pub fn check(&self, change: Change, cause: Cause) -> Result<(), Illegal> {
+        let edge = |what: &str, from: &dyn std::fmt::Debug, to: &dyn std::fmt::Debug| {
+            Illegal(format!("{what} {from:?} -> {to:?} by {cause:?}"))
+        };
+        if let Some(to) = change.role {
+            if !allowed(ROLE_EDGES, self.role, to, cause) {
+                return Err(edge("role", &self.role, &to));
+            }
+        }
+        if let Some(to) = change.disk {
+            if !allowed(DISK_EDGES, self.disk, to, cause) {
+                return Err(edge("disk", &self.disk, &to));
+            }
+        }
+        if let Some(to) = change.conn {
+            if !allowed(CONN_EDGES, self.conn, to, cause) {
+                return Err(edge("connection", &self.conn, &to));
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply `change` for `cause`. The only way the role, disk and connection change.
+    pub fn go(&mut self, change: Change, cause: Cause) {
+        if let Err(Illegal(what)) = self.check(change, cause) {
+            tracing::error!(
+                "illegal state transition: {what} (from {}/{}/{}); this is a bug",
+                super::runtime::role_str(self.role),
+                self.disk.as_str(),
+                self.conn.as_str()
+            );
+            if cfg!(debug_assertions) {
+                // Every test runs a debug build: stop here so the test that got here fails.
+                std::process::abort();
+            }
+            self.illegal += 1;
+        }
+        if let Some(r) = change.role {
+            self.role = r;
+        }
+        if let Some(d) = change.disk {
+            self.disk = d;
+        }
+        if let Some(c) = change.conn {
+            self.conn = c;
+        }
+    }
+
+    /// `go`, for a connection change only.
+    pub fn set_conn(&mut self, conn: Conn, cause: Cause) {
+        self.go(Change::conn(conn), cause);
+    }
+
+    /// `go`, for a disk change only.
+    pub fn set_disk(&mut self, disk: DiskState, cause: Cause) {
+        self.go(Change::disk(disk), cause);
+    }
+
+    /// `go`, for a role change only.
+    pub fn set_role(&mut self, role: Role, cause: Cause) {
+        self.go(Change::role(role), cause);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLES: [Role; 2] = [Primary, Secondary];
+    const DISKS: [DiskState; 5] = [
+        DiskState::Diskless,
+        Inconsistent,
+        Outdated,
+        Consistent,
+        UpToDate,
+    ];
+    const CONNS: [Conn; 7] = [
+        StandAlone,
+        Connecting,
+        Connected,
+        SyncSource,
+        SyncTarget,
+        VerifySource,
+        VerifyTarget,
+    ];
+
+    #[test]
+    fn diskless_and_consistent_are_never_entered_and_nothing_comes_back_from_inconsistent_but_a_resync(
+    ) {
+        for &(from, to, cause) in DISK_EDGES {
+            assert_ne!(to, DiskState::Diskless);
+            assert_ne!(to, Consistent);
+            if from == Inconsistent {
+                assert!(
+                    matches!(cause, C::ResyncEnd | C::ForcePromote),
+                    "{from:?} -> {to:?} by {cause:?}"
+                );
+            }
+            // Only proof, a resync or an operator's force lifts an Outdated copy.
+            if from == Outdated && to == UpToDate {
+                assert!(matches!(
+                    cause,
+                    C::ProvenCurrent | C::ResyncEnd | C::ForcePromote
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn every_state_is_reachable_and_every_linked_state_can_lose_its_link() {
+        for c in CONNS {
+            let linked = c.is_linked();
+            let lose = CONN_EDGES
+                .iter()
+                .any(|&(f, t, cause)| f == c && !t.is_linked() && cause == C::LinkLost);
+            assert_eq!(lose, linked, "{c:?}");
+            if c != Connecting {
+                assert!(CONN_EDGES.iter().any(|&(_, t, _)| t == c), "{c:?}");
+            }
+            if c != StandAlone {
+                assert!(
+                    CONN_EDGES
+                        .iter()
+                        .any(|&(f, t, cause)| f == c && t == StandAlone && cause == C::Disconnect),
+                    "{c:?}"
+                );
+            }
+        }
+        for r in ROLES {
+            assert!(ROLE_EDGES.iter().any(|&(_, t, _)| t == r));
+        }
+        for d in DISKS {
+            let entered = DISK_EDGES.iter().any(|&(_, t, _)| t == d);
+            assert_eq!(
+                entered,
+                !matches!(d, DiskState::Diskless | Consistent),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_edge_is_listed_twice_or_goes_nowhere() {
+        fn check<T: PartialEq + Copy + std::fmt::Debug>(edges: &[(T, T, Cause)]) {
+            for (i, e) in edges.iter().enumerate() {
+                assert_ne!(e.0, e.1, "{e:?} is no change");
+                assert!(!edges[..i].contains(e), "{e:?} twice");
+            }
+        }
+        check(ROLE_EDGES);
+        check(DISK_EDGES);
+        check(CONN_EDGES);
+    }
+
+    #[test]
+    fn check_names_the_edge_it_refuses() {
+        let mut st = State::new(Inconsistent);
+        assert!(st.check(Change::disk(UpToDate), C::ResyncEnd).is_ok());
+        let e = st
+            .check(Change::disk(UpToDate), C::ProvenCurrent)
+            .unwrap_err();
+        assert_eq!(e.0, "disk Inconsistent -> UpToDate by ProvenCurrent");
+        // Connecting -> SyncSource only by a handshake, not by an online resync.
+        assert!(st.check(Change::conn(SyncSource), C::ResyncStart).is_err());
+        st.go(Change::conn(Connected), C::Handshake);
+        assert!(st.check(Change::conn(SyncSource), C::ResyncStart).is_ok());
+        // A change that is no change is always allowed.
+        assert!(st.check(Change::conn(Connected), C::Promote).is_ok());
+        // The first illegal field is named, even if another is fine.
+        let e = st
+            .check(
+                Change::role(Primary).and_disk(DiskState::Diskless),
+                C::Promote,
+            )
+            .unwrap_err();
+        assert!(e.0.starts_with("disk"), "{e:?}");
+        assert_eq!(st.illegal_transitions(), 0);
+    }
+}
