@@ -7,7 +7,6 @@
 //! bound is reached the reader stops reading the socket, which pushes back on the client.
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -50,7 +49,7 @@ struct ClientCount(Arc<Export>);
 
 impl Drop for ClientCount {
     fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+        self.0.clients.send_modify(|n| *n -= 1);
     }
 }
 
@@ -65,7 +64,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    export.clients.fetch_add(1, Ordering::Relaxed);
+    export.clients.send_modify(|n| *n += 1);
     let _count = ClientCount(export.clone());
     let (tx, rx) = mpsc::unbounded_channel();
     let mut writer = tokio::spawn(write_replies(writer, rx, neg.structured_replies));

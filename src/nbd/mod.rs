@@ -5,7 +5,6 @@ pub mod addr;
 mod conn;
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +32,8 @@ pub struct Export {
     pub description: String,
     pub store: SharedStore,
     pub read_only: bool,
-    clients: AtomicUsize,
+    /// Clients in the transmission phase; a watch, so a hand-over can wait for none.
+    clients: watch::Sender<usize>,
     /// Bounds memory held by payloads and read buffers across all connections.
     budget: Arc<Semaphore>,
     /// Whether the export may be served now (a replicated secondary says no, naming the
@@ -67,7 +67,7 @@ impl Export {
             description,
             store,
             read_only,
-            clients: AtomicUsize::new(0),
+            clients: watch::channel(0).0,
             budget: Arc::new(Semaphore::new(IN_FLIGHT_BUDGET_KIB)),
             gate,
             kick: watch::channel(0).0,
@@ -82,7 +82,12 @@ impl Export {
 
     /// Clients in the transmission phase now.
     pub fn clients(&self) -> usize {
-        self.clients.load(Ordering::Relaxed)
+        *self.clients.borrow()
+    }
+
+    /// The number of clients in the transmission phase, as it changes.
+    pub fn watch_clients(&self) -> watch::Receiver<usize> {
+        self.clients.subscribe()
     }
 
     fn transmission_flags(&self) -> u16 {

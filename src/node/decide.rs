@@ -876,6 +876,34 @@ pub fn peer_claim(me: Role, my_epoch: u64, peer: Role, peer_epoch: u64) -> PeerC
     PeerClaim::Fine
 }
 
+/// What the sync handshake does with both sides' roles and epochs, before the generations
+/// are compared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EpochCheck {
+    /// Compare the generations.
+    Proceed,
+    /// This primary was superseded while away (the witness gave the peer a newer epoch):
+    /// step down, then handshake again as a secondary.
+    Superseded(String),
+    /// The peer is a primary of an older epoch that has not noticed it was superseded: try
+    /// again once it steps down, rather than refusing for good.
+    PeerStale(String),
+}
+
+pub fn handshake_epochs(me: Role, my_epoch: u64, peer: Role, peer_epoch: u64) -> EpochCheck {
+    if me == Role::Primary && peer_epoch > my_epoch {
+        return EpochCheck::Superseded(format!(
+            "the peer holds newer epoch {peer_epoch} (mine is {my_epoch})"
+        ));
+    }
+    if me == Role::Primary && peer == Role::Primary && peer_epoch < my_epoch {
+        return EpochCheck::PeerStale(format!(
+            "the peer still thinks it is primary at epoch {peer_epoch} (mine is {my_epoch})"
+        ));
+    }
+    EpochCheck::Proceed
+}
+
 /// Connected with no primary and no UpToDate copy: nobody may be promoted without an
 /// operator. Returns what to tell them.
 pub fn nobody_promotable(me: &Side, peer: &Side) -> Option<String> {
@@ -2016,6 +2044,33 @@ mod tests {
         assert_eq!(peer_claim(P, 2, S, 2), PeerClaim::Fine);
         assert_eq!(peer_claim(S, 1, P, 2), PeerClaim::Fine);
         assert_eq!(peer_claim(S, 3, P, 2), PeerClaim::Fine);
+    }
+
+    proptest! {
+        /// Two primaries of different epochs never get past the epoch check, the older of
+        /// them steps down, and both sides agree on which one that is.
+        #[test]
+        fn the_handshake_lets_no_older_primary_through(
+            a_primary: bool, b_primary: bool, ea in 0u64..4, eb in 0u64..4,
+        ) {
+            let role = |p| if p { Role::Primary } else { Role::Secondary };
+            let (ra, rb) = (role(a_primary), role(b_primary));
+            let x = handshake_epochs(ra, ea, rb, eb);
+            let y = handshake_epochs(rb, eb, ra, ea);
+            if a_primary && b_primary && ea != eb {
+                // Neither side goes on to compare generations.
+                prop_assert!(x != EpochCheck::Proceed && y != EpochCheck::Proceed);
+                let older_steps_down = if ea < eb { &x } else { &y };
+                prop_assert!(matches!(older_steps_down, EpochCheck::Superseded(_)));
+            }
+            if a_primary && eb > ea {
+                prop_assert!(matches!(x, EpochCheck::Superseded(_)));
+            }
+            // Nothing else is held up: a secondary always proceeds.
+            if !a_primary {
+                prop_assert_eq!(x, EpochCheck::Proceed);
+            }
+        }
     }
 
     #[test]

@@ -1048,14 +1048,17 @@ impl Node {
         if let Some(kick) = self.kick_clients.get() {
             kick();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.nbd_clients() > 0 {
-            if Instant::now() > deadline {
+        if let Some(clients) = self.nbd_clients.get() {
+            let mut clients = clients.clone();
+            let gone = clients.wait_for(|n| *n == 0);
+            if tokio::time::timeout(Duration::from_secs(10), gone)
+                .await
+                .is_err()
+            {
                 return Err(Failure::error(
                     "NBD clients did not finish their requests within 10 s",
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.store
             .flush()

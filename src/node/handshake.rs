@@ -10,11 +10,11 @@ use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::core::{Cause, Change};
-use super::decide::{handshake as decide, Direction, Side, Verdict};
+use super::decide::{handshake as decide, handshake_epochs, Direction, EpochCheck, Side, Verdict};
 use super::dispatch::{now_ms, ping_loop, read_loop};
 use super::resync::{resync_source, resync_while_connected};
 use super::runtime::{Conn, Node, Progress};
-use super::{DiskState, Role};
+use super::DiskState;
 use crate::repl::link::Link;
 use crate::repl::proto::{
     self, read_frame, write_control, Frame, HandshakeError, Identity, Message,
@@ -169,23 +169,19 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             "peer bitmap has the wrong size".into(),
         ));
     }
-    if peer.epoch > mine.epoch && mine.role == Role::Primary {
-        // The witness gave the peer a newer epoch: this node was superseded while away.
-        node.lose_primary(format!(
-            "{} holds newer epoch {} (mine is {})",
-            node.peer_cfg.name, peer.epoch, mine.epoch
-        ));
-        return Err(HandshakeError::Protocol(
-            "superseded by the peer's newer epoch; re-handshaking as secondary".into(),
-        ));
-    }
-    if mine.role == Role::Primary && peer.role == Role::Primary && peer.epoch < mine.epoch {
-        // A superseded primary (e.g. resumed after SIGSTOP) that has not noticed yet: it demotes
-        // itself when it sees this epoch; try again then instead of refusing for good.
-        return Err(HandshakeError::Protocol(format!(
-            "{} still thinks it is primary at epoch {} (mine is {}); retrying once it steps down",
-            node.peer_cfg.name, peer.epoch, mine.epoch
-        )));
+    match handshake_epochs(mine.role, mine.epoch, peer.role, peer.epoch) {
+        EpochCheck::Proceed => {}
+        EpochCheck::Superseded(why) => {
+            node.lose_primary(format!("superseded by {}: {why}", node.peer_cfg.name));
+            return Err(HandshakeError::Protocol(format!(
+                "{why}; re-handshaking as secondary"
+            )));
+        }
+        EpochCheck::PeerStale(why) => {
+            return Err(HandshakeError::Protocol(format!(
+                "{why}; retrying once it steps down"
+            )));
+        }
     }
     node.adopt_epoch(peer.epoch);
 

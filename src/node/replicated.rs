@@ -27,6 +27,9 @@ pub struct ReplicatedStore {
     /// Activity-log updates are failing: logged once when they start and once when they stop,
     /// not per write.
     al_failing: std::sync::atomic::AtomicBool,
+    /// Writes waiting for a pinned activity-log slot, and the signal that one was released.
+    al_waiters: std::sync::atomic::AtomicUsize,
+    al_released: tokio::sync::Notify,
 }
 
 impl ReplicatedStore {
@@ -34,6 +37,8 @@ impl ReplicatedStore {
         Self {
             node,
             al_failing: std::sync::atomic::AtomicBool::new(false),
+            al_waiters: std::sync::atomic::AtomicUsize::new(0),
+            al_released: tokio::sync::Notify::new(),
         }
     }
 
@@ -49,26 +54,44 @@ impl ReplicatedStore {
     /// pinned until the write is on both nodes or marked out of sync. When every slot is
     /// pinned by in-flight writes, wait for one to finish.
     async fn activate(&self, offset: u64, len: u64) -> io::Result<()> {
-        loop {
-            let r = self.node.meta().activate_pinned(offset, len);
-            let failing = &self.al_failing;
-            match r {
-                Ok(_) => {
-                    // A load, not a swap, on the write path while nothing fails.
-                    if failing.load(Ordering::Relaxed) && failing.swap(false, Ordering::Relaxed) {
-                        tracing::warn!("activity-log updates work again");
+        let mut waiting = false;
+        let r = loop {
+            // Enabled before the attempt, so a release between the attempt and the wait wakes
+            // it; counted as a waiter before that attempt, so the releaser knows to signal.
+            let released = self.al_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let attempt = self.node.meta().activate_pinned(offset, len);
+            match attempt {
+                Err(crate::meta::MetaError::Invalid { .. }) if len <= AL_WAIT_MAX => {
+                    if waiting {
+                        released.await;
+                    } else {
+                        waiting = true;
+                        self.al_waiters.fetch_add(1, Ordering::SeqCst);
                     }
-                    return Ok(());
                 }
-                Err(crate::meta::MetaError::Invalid { .. }) if len <= AL_WAIT_MAX => {}
-                Err(e) => {
-                    if !failing.swap(true, Ordering::Relaxed) {
-                        tracing::error!("writes fail: cannot update the activity log: {e}");
-                    }
-                    return Err(io::Error::other(e));
-                }
+                r => break r,
             }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        };
+        if waiting {
+            self.al_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+        let failing = &self.al_failing;
+        match r {
+            Ok(_) => {
+                // A load, not a swap, on the write path while nothing fails.
+                if failing.load(Ordering::Relaxed) && failing.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("activity-log updates work again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if !failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!("writes fail: cannot update the activity log: {e}");
+                }
+                Err(io::Error::other(e))
+            }
         }
     }
 
@@ -165,6 +188,10 @@ impl ReplicatedStore {
         }
         meta.release(offset, len);
         drop(meta);
+        // Only writes that found every slot pinned wait; the common path pays one load.
+        if self.al_waiters.load(Ordering::SeqCst) > 0 {
+            self.al_released.notify_waiters();
+        }
         if result.is_err() || peer != Replicated::Acked {
             resync_while_connected(&self.node);
         }

@@ -62,7 +62,7 @@ pub struct Node {
     /// This node was primary when the peer was last lost (for discard-younger-primary).
     primary_when_peer_lost: std::sync::atomic::AtomicBool,
     /// Counts NBD clients in the transmission phase (installed by `up`).
-    pub nbd_clients: std::sync::OnceLock<Box<dyn Fn() -> usize + Send + Sync>>,
+    pub nbd_clients: std::sync::OnceLock<watch::Receiver<usize>>,
     /// Disconnects every NBD client once its in-flight requests are answered (installed by `up`).
     pub kick_clients: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// What a write the peer did not acknowledge may do (see `failover`).
@@ -137,7 +137,7 @@ impl Node {
     }
 
     pub fn nbd_clients(&self) -> usize {
-        self.nbd_clients.get().map_or(0, |f| f())
+        self.nbd_clients.get().map_or(0, |c| *c.borrow())
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {

@@ -110,8 +110,7 @@ pub async fn up(
         None => Err("shutting down".into()),
     });
     let export = nbd::Export::with_gate(cfg.resource.name.clone(), store, false, Some(gate));
-    let counted = export.clone();
-    let _ = node.nbd_clients.set(Box::new(move || counted.clients()));
+    let _ = node.nbd_clients.set(export.watch_clients());
     let kicked = export.clone();
     let _ = node
         .kick_clients
