@@ -37,8 +37,12 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeMap<String, BTreeSet<String
             continue;
         }
         let text = std::fs::read_to_string(&f).unwrap();
-        // Test modules come last in a file here; what follows `#[cfg(test)]` is not counted.
-        let code = text.split("#[cfg(test)]").next().unwrap();
+        // Test modules come last in a file here; what follows `#[cfg(test)] mod` is not
+        // counted (a `#[cfg(test)]` on a statement is).
+        let code = text
+            .match_indices("#[cfg(test)]")
+            .find(|(i, m)| text[i + m.len()..].trim_start().starts_with("mod "))
+            .map_or(text.as_str(), |(i, _)| &text[..i]);
         for line in code.lines() {
             let line = line.split("//").next().unwrap();
             for (i, _) in line.match_indices("crate::") {

@@ -917,8 +917,8 @@ impl Meta {
             block,
             count: (data.len() / BLOCK_SIZE) as u64,
         });
-        self.file
-            .write_all_at(data, block * BLOCK_SIZE as u64)
+        let file = &self.file;
+        off_async_worker(|| file.write_all_at(data, block * BLOCK_SIZE as u64))
             .map_err(|e| MetaError::io(&self.path, format!("writing block {block}"), e))
     }
 
@@ -927,9 +927,8 @@ impl Meta {
         #[cfg(test)]
         self.events.push(IoEvent::Sync);
         self.stats.syncs += 1;
-        self.file
-            .sync_data()
-            .map_err(|e| MetaError::io(&self.path, "fdatasync", e))
+        let file = &self.file;
+        off_async_worker(|| file.sync_data()).map_err(|e| MetaError::io(&self.path, "fdatasync", e))
     }
 
     fn write_superblock(&mut self, next: Superblock) -> Result<(), MetaError> {
@@ -1003,5 +1002,19 @@ impl Meta {
         self.al.commit(&tx, 0);
         self.al_on_disk = false;
         Ok(())
+    }
+}
+
+/// Run blocking metadata IO. On a worker of the node's (multi-threaded) runtime the worker
+/// hands its other tasks to another thread first, so an fdatasync of the metadata does not
+/// stall pings, NBD connections or the peer link behind it.
+fn off_async_worker<T>(io: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(io)
+        }
+        // Outside a runtime (create-md, dump-md, tests) or on a single-threaded one.
+        _ => io(),
     }
 }
