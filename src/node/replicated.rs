@@ -3,27 +3,80 @@
 //! serving, records the blocks in the out-of-sync bitmap, and first starts a new data
 //! generation (persisted before the first write acknowledged without the peer).
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use bytes::Bytes;
+use serde_json::Value;
 
 use super::failover::Hold;
 use super::resync::resync_while_connected;
 use super::runtime::Node;
 use super::Role;
+use crate::meta::Meta;
 use crate::repl::link::Link;
 use crate::repl::proto::Message;
+use crate::repl::ranges::RangeLocks;
 use crate::repl::requests::{peer_flush, replicate_control, replicate_write, Replicated};
-use crate::store::{BlockStore, Extent, IoFuture};
+use crate::store::{BlockStore, Extent, IoFuture, SharedStore};
+
+/// What the replicated store needs from its node, and nothing more (so it can be tested
+/// without one).
+pub trait Host: Send + Sync + 'static {
+    fn role(&self) -> Role;
+    /// This node's own disk.
+    fn local(&self) -> &SharedStore;
+    fn locks(&self) -> &RangeLocks;
+    fn meta(&self) -> MutexGuard<'_, Meta>;
+    /// The live link to the peer, if any.
+    fn link(&self) -> Option<Arc<Link>>;
+    /// The peer did not answer a write over `failed`: what fencing allows.
+    fn hold_for_fencing(&self, failed: Option<&Arc<Link>>) -> impl Future<Output = Hold> + Send;
+    /// This node was primary when the peer was last lost (chooses the new generation).
+    fn primary_when_peer_lost(&self) -> bool;
+    fn event(&self, kind: &str, detail: Value);
+    /// Blocks were marked out of sync; resync them if the link is up.
+    fn marked_out_of_sync(&self);
+}
+
+impl Host for Arc<Node> {
+    fn role(&self) -> Role {
+        Node::role(self)
+    }
+    fn local(&self) -> &SharedStore {
+        &self.store
+    }
+    fn locks(&self) -> &RangeLocks {
+        &self.locks
+    }
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        Node::meta(self)
+    }
+    fn link(&self) -> Option<Arc<Link>> {
+        Node::link(self)
+    }
+    fn hold_for_fencing(&self, failed: Option<&Arc<Link>>) -> impl Future<Output = Hold> + Send {
+        Node::hold_for_fencing(self, failed)
+    }
+    fn primary_when_peer_lost(&self) -> bool {
+        Node::primary_when_peer_lost(self)
+    }
+    fn event(&self, kind: &str, detail: Value) {
+        Node::event(self, kind, detail)
+    }
+    fn marked_out_of_sync(&self) {
+        resync_while_connected(self)
+    }
+}
 
 /// Writes larger than this that cannot pin their extents fail instead of waiting (a range
 /// spanning more extents than the activity log holds can never be pinned).
 const AL_WAIT_MAX: u64 = 64 * 1024 * 1024;
 
-pub struct ReplicatedStore {
-    node: Arc<Node>,
+pub struct ReplicatedStore<H: Host = Arc<Node>> {
+    node: H,
     /// Activity-log updates are failing: logged once when they start and once when they stop,
     /// not per write.
     al_failing: std::sync::atomic::AtomicBool,
@@ -32,8 +85,8 @@ pub struct ReplicatedStore {
     al_released: tokio::sync::Notify,
 }
 
-impl ReplicatedStore {
-    pub fn new(node: Arc<Node>) -> Self {
+impl<H: Host> ReplicatedStore<H> {
+    pub fn new(node: H) -> Self {
         Self {
             node,
             al_failing: std::sync::atomic::AtomicBool::new(false),
@@ -129,7 +182,7 @@ impl ReplicatedStore {
         F: std::future::Future<Output = io::Result<()>>,
     {
         self.check_primary()?;
-        let _guard = self.node.locks.lock(offset, len).await;
+        let _guard = self.node.locks().lock(offset, len).await;
         self.activate(offset, len).await?;
         // Returns the peer's answer and the link it went to (the one a retry must not reuse).
         let send = |link: Option<Arc<Link>>| {
@@ -193,7 +246,7 @@ impl ReplicatedStore {
             self.al_released.notify_waiters();
         }
         if result.is_err() || peer != Replicated::Acked {
-            resync_while_connected(&self.node);
+            self.node.marked_out_of_sync();
         }
         result
     }
@@ -205,19 +258,19 @@ enum Remote {
     Control(Message),
 }
 
-impl BlockStore for ReplicatedStore {
+impl<H: Host> BlockStore for ReplicatedStore<H> {
     fn size(&self) -> u64 {
-        self.node.size
+        self.node.local().size()
     }
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
-        self.node.store.read(offset, len)
+        self.node.local().read(offset, len)
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let len = data.len() as u64;
-            let local = self.node.store.write(offset, data.clone(), fua);
+            let local = self.node.local().write(offset, data.clone(), fua);
             self.both(offset, len, local, move |_| {
                 Remote::Write(data.clone(), fua)
             })
@@ -227,7 +280,7 @@ impl BlockStore for ReplicatedStore {
 
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let local = self.node.store.flush();
+            let local = self.node.local().flush();
             // A peer flush that fails leaves the peer's unflushed extents recorded; they are
             // marked out of sync if the link is lost before a later flush succeeds.
             let remote = async {
@@ -242,7 +295,7 @@ impl BlockStore for ReplicatedStore {
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let local = self.node.store.discard(offset, len);
+            let local = self.node.local().discard(offset, len);
             self.both(offset, len, local, |seq| {
                 Remote::Control(Message::Trim { seq, offset, len })
             })
@@ -252,7 +305,7 @@ impl BlockStore for ReplicatedStore {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let local = self.node.store.write_zeroes(offset, len, may_trim);
+            let local = self.node.local().write_zeroes(offset, len, may_trim);
             self.both(offset, len, local, |seq| {
                 Remote::Control(Message::Zero {
                     seq,
@@ -266,14 +319,153 @@ impl BlockStore for ReplicatedStore {
     }
 
     fn extents(&self, offset: u64, len: u64, max_extents: usize) -> IoFuture<'_, Vec<Extent>> {
-        self.node.store.extents(offset, len, max_extents)
+        self.node.local().extents(offset, len, max_extents)
     }
 
     fn cache(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.node.store.cache(offset, len)
+        self.node.local().cache(offset, len)
     }
 
     fn engine(&self) -> &'static str {
-        self.node.store.engine()
+        self.node.local().engine()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{EXTENT_SIZE, MIN_AL_EXTENTS};
+    use crate::store::{open_backing, BackingOptions, ThreadStore};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+    use tokio::sync::Semaphore;
+
+    /// A primary without a peer whose fencing answers "degraded" once per permit.
+    struct Lonely {
+        local: SharedStore,
+        locks: RangeLocks,
+        meta: Mutex<Meta>,
+        fencing: Semaphore,
+        marked: AtomicUsize,
+    }
+
+    impl Host for Arc<Lonely> {
+        fn role(&self) -> Role {
+            Role::Primary
+        }
+        fn local(&self) -> &SharedStore {
+            &self.local
+        }
+        fn locks(&self) -> &RangeLocks {
+            &self.locks
+        }
+        fn meta(&self) -> MutexGuard<'_, Meta> {
+            self.meta.lock().unwrap()
+        }
+        fn link(&self) -> Option<Arc<Link>> {
+            None
+        }
+        fn hold_for_fencing(
+            &self,
+            _failed: Option<&Arc<Link>>,
+        ) -> impl Future<Output = Hold> + Send {
+            async {
+                self.fencing.acquire().await.unwrap().forget();
+                Hold::Degraded
+            }
+        }
+        fn primary_when_peer_lost(&self) -> bool {
+            true
+        }
+        fn event(&self, _kind: &str, _detail: Value) {}
+        fn marked_out_of_sync(&self) {
+            self.marked.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A volume of `extents` activity-log extents, with the smallest activity log.
+    fn lonely(dir: &std::path::Path, extents: u64) -> ReplicatedStore<Arc<Lonely>> {
+        let size = extents * EXTENT_SIZE;
+        let opts = BackingOptions {
+            size: Some(size),
+            ..BackingOptions::default()
+        };
+        let backing = open_backing(&dir.join("disk"), &opts).unwrap();
+        let meta_path = dir.join("meta");
+        Meta::create_with(&meta_path, "r0", "alpha", size, MIN_AL_EXTENTS, false).unwrap();
+        let meta = Meta::open(&meta_path, "r0", "alpha", size).unwrap();
+        ReplicatedStore::new(Arc::new(Lonely {
+            local: Arc::new(ThreadStore::new(backing)),
+            locks: RangeLocks::default(),
+            meta: Mutex::new(meta),
+            fencing: Semaphore::new(0),
+            marked: AtomicUsize::new(0),
+        }))
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        while !what() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_waits_for_a_pinned_activity_log_slot_and_goes_on_when_one_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = u64::from(MIN_AL_EXTENTS);
+        let store = Arc::new(lonely(dir.path(), slots + 1));
+        let write = |extent: u64| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let data = Bytes::from(vec![extent as u8; 4096]);
+                store.write(extent * EXTENT_SIZE, data, false).await
+            })
+        };
+        // Every slot pinned by a write the (absent) peer has not answered.
+        let held: Vec<_> = (0..slots).map(write).collect();
+        let pinned = || store.node.meta().activate_pinned(slots * EXTENT_SIZE, 4096);
+        until(|| store.node.locks.held() == slots as usize).await;
+        // One more extent: it must wait for a slot, not fail and not spin.
+        let last = write(slots);
+        until(|| store.al_waiters.load(Ordering::SeqCst) == 1).await;
+        assert!(!last.is_finished());
+        assert!(matches!(
+            pinned(),
+            Err(crate::meta::MetaError::Invalid { .. })
+        ));
+        // Fencing lets one held write go without the peer: its slot lets the waiting one in
+        // (which then waits for fencing like the rest).
+        store.node.fencing.add_permits(1);
+        let woken = until(|| store.al_waiters.load(Ordering::SeqCst) == 0);
+        tokio::time::timeout(std::time::Duration::from_secs(30), woken)
+            .await
+            .expect("the write waiting for a slot was never woken");
+        store.node.fencing.add_permits(held.len());
+        last.await.unwrap().unwrap();
+        for h in held {
+            h.await.unwrap().unwrap();
+        }
+        assert_eq!(store.al_waiters.load(Ordering::SeqCst), 0);
+        assert_eq!(store.node.locks.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_without_the_peer_starts_a_generation_before_it_is_acknowledged_and_is_marked()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store = lonely(dir.path(), 2);
+        assert_eq!(store.node.meta().superblock().gens.bitmap, 0);
+        store.node.fencing.add_permits(1);
+        let data = Bytes::from(vec![7u8; 8192]);
+        store.write(EXTENT_SIZE, data, false).await.unwrap();
+        let meta = store.node.meta();
+        // The generation the peer has is kept as the bitmap generation, on disk.
+        assert_ne!(meta.superblock().gens.bitmap, 0);
+        assert_eq!(meta.out_of_sync_bytes(), 8192);
+        drop(meta);
+        assert_eq!(store.node.marked.load(Ordering::SeqCst), 1);
+        drop(store);
+        let reopened = Meta::open(&dir.path().join("meta"), "r0", "alpha", 2 * EXTENT_SIZE);
+        assert_ne!(reopened.unwrap().superblock().gens.bitmap, 0);
     }
 }
