@@ -365,14 +365,9 @@ mod tests {
         fn link(&self) -> Option<Arc<Link>> {
             None
         }
-        fn hold_for_fencing(
-            &self,
-            _failed: Option<&Arc<Link>>,
-        ) -> impl Future<Output = Hold> + Send {
-            async {
-                self.fencing.acquire().await.unwrap().forget();
-                Hold::Degraded
-            }
+        async fn hold_for_fencing(&self, _failed: Option<&Arc<Link>>) -> Hold {
+            self.fencing.acquire().await.unwrap().forget();
+            Hold::Degraded
         }
         fn primary_when_peer_lost(&self) -> bool {
             true
