@@ -26,6 +26,13 @@ fn set_faults(p: &Pair, node: &str, rules: &str) {
     }
 }
 
+/// Wait until `node`'s log says `what`.
+fn wait_log(p: &Pair, node: &str, what: &str) {
+    p.wait_for(node, &format!("{what:?} in the log"), 30, |_| {
+        p.log(node).contains(what)
+    });
+}
+
 /// (Re)start `node` under an empty fault file (`NODE.faults`), for `set_faults`.
 fn up_with_faults(p: &mut Pair, node: &'static str) {
     let faults = p.path(&format!("{node}.faults"));
@@ -124,7 +131,8 @@ fn a_write_whose_activity_log_update_fails_is_an_error_to_the_client() {
         &["write -P 0x5a 12M 64k", "read -P 0x5a 12M 64k"],
     );
     p.wait_in_sync(60);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.stop("alpha");
+    p.stop("beta");
     p.assert_identical();
 }
 
@@ -145,22 +153,12 @@ fn a_resync_whose_end_cannot_be_recorded_is_redone() {
         s["connection"] == "SyncTarget"
     });
     set_faults(&p, "beta", "meta:superblock:eio\nmeta:bitmap:eio\n");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !p
-        .log("beta")
-        .contains("recording the finished resync failed")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the resync end did not fail:\n{}",
-            p.log("beta")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_log(&p, "beta", "recording the finished resync failed");
     assert_ne!(p.status("beta")["disk"], "UpToDate");
     set_faults(&p, "beta", "");
     p.wait_in_sync(60);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.stop("alpha");
+    p.stop("beta");
     p.assert_identical();
 }
 
@@ -188,9 +186,7 @@ fn blocks_a_failed_local_write_left_are_resynced_while_connected() {
         "the write did not fail: {text}"
     );
     // Marked, and the resync is running into the same fault.
-    p.wait_for("alpha", "the failed chunks retried", 20, |_| {
-        p.log("alpha").contains("did not land")
-    });
+    wait_log(&p, "alpha", "did not land");
     let s = p.status("alpha");
     assert_eq!(s["connection"], "SyncSource", "{s}");
     assert!(s["out_of_sync_bytes"].as_u64().unwrap() >= M, "{s}");
@@ -221,6 +217,61 @@ fn a_secondary_whose_write_failed_is_brought_up_to_date_while_connected() {
     set_faults(&p, "beta", "");
     p.wait_in_sync(30);
     qemu_io_ok(&p.uri("alpha"), &["read -P 0x33 8M 64k"]);
+    p.stop("alpha");
+    p.stop("beta");
+    p.assert_identical();
+}
+
+/// The bitmap cannot be written when the handshake merges the peer's bits: the connection is
+/// dropped with the reason and tried again, and once the disk works the pair resyncs.
+#[test]
+fn a_handshake_whose_bitmap_cannot_be_written_is_retried() {
+    let mut p = Pair::new(16 * M, "");
+    p.up("alpha");
+    up_with_faults(&mut p, "beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    p.ok("beta", &["disconnect"]);
+    qemu_io_ok(&p.uri("alpha"), &["write -P 0x3c 1M 2M"]);
+    set_faults(&p, "beta", "meta:bitmap:eio\n");
+    p.ok("beta", &["connect"]);
+    wait_log(&p, "beta", "injected fault");
+    let s = p.status("beta");
+    assert!(
+        s["connection"] != "Connected" && s["connection"] != "SyncTarget",
+        "{s}"
+    );
+    set_faults(&p, "beta", "");
+    p.wait_in_sync(60);
+    qemu_io_ok(&p.uri("alpha"), &["read -P 0x3c 1M 2M"]);
+    p.stop("alpha");
+    p.stop("beta");
+    p.assert_identical();
+}
+
+/// A node whose disk cannot flush before `disconnect` does not say goodbye (a goodbye promises
+/// that everything it acknowledged is durable): the peer sees the loss as a crash, and the
+/// pair reconnects and ends identical once the disk works.
+#[test]
+fn no_goodbye_without_a_flush() {
+    let mut p = Pair::new(16 * M, "");
+    up_with_faults(&mut p, "alpha");
+    p.up("beta");
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    qemu_io_ok(&p.uri("alpha"), &["write -P 0x5e 3M 1M"]);
+    set_faults(&p, "alpha", "flush:0-1:eio\n");
+    p.ok("alpha", &["disconnect"]);
+    wait_log(&p, "alpha", "closing without one");
+    wait_log(&p, "beta", "connection to alpha lost");
+    assert!(
+        !p.log("beta").contains("peer said goodbye"),
+        "{}",
+        p.log("beta")
+    );
+    set_faults(&p, "alpha", "");
+    p.ok("alpha", &["connect"]);
+    p.wait_in_sync(60);
     p.stop("alpha");
     p.stop("beta");
     p.assert_identical();
