@@ -26,6 +26,21 @@ fn set_faults(p: &Pair, node: &str, rules: &str) {
     }
 }
 
+/// A pair with alpha primary and in sync, `faulty` running under a fault file.
+fn started_with_faults(size: u64, extra: &str, faulty: &'static str) -> Pair {
+    let mut p = Pair::new(size, extra);
+    for n in ["alpha", "beta"] {
+        if n == faulty {
+            up_with_faults(&mut p, n);
+        } else {
+            p.up(n);
+        }
+    }
+    p.ok("alpha", &["primary", "--force"]);
+    p.wait_in_sync(60);
+    p
+}
+
 /// Wait until `node`'s log says `what`.
 fn wait_log(p: &Pair, node: &str, what: &str) {
     p.wait_for(node, &format!("{what:?} in the log"), 30, |_| {
@@ -106,11 +121,7 @@ fn a_bad_metadata_fault_rule_is_refused_and_the_node_keeps_serving() {
 /// fault is gone the same write succeeds and reads back.
 #[test]
 fn a_write_whose_activity_log_update_fails_is_an_error_to_the_client() {
-    let mut p = Pair::new(16 * M, "");
-    up_with_faults(&mut p, "alpha");
-    p.up("beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
+    let mut p = started_with_faults(16 * M, "", "alpha");
     // Before any write, no extent is in the activity log: the first write must add one.
     set_faults(&p, "alpha", "meta:al:eio\n");
     let out = qemu_io(&p.uri("alpha"), &["write -P 0x5a 12M 64k"]);
@@ -141,11 +152,7 @@ fn a_write_whose_activity_log_update_fails_is_an_error_to_the_client() {
 /// target logged the failure and stayed SyncTarget and Inconsistent for good.
 #[test]
 fn a_resync_whose_end_cannot_be_recorded_is_redone() {
-    let mut p = Pair::new(16 * M, "[resync]\nrate = \"2M\"\n");
-    p.up("alpha");
-    up_with_faults(&mut p, "beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
+    let mut p = started_with_faults(16 * M, "[resync]\nrate = \"2M\"\n", "beta");
     p.ok("beta", &["disconnect"]);
     qemu_io_ok(&p.uri("alpha"), &["write -P 0x6b 2M 4M"]);
     p.ok("beta", &["connect"]);
@@ -170,11 +177,7 @@ fn a_resync_whose_end_cannot_be_recorded_is_redone() {
 /// read failed stopped for good, still SyncSource.
 #[test]
 fn blocks_a_failed_local_write_left_are_resynced_while_connected() {
-    let mut p = Pair::new(32 * M, "");
-    up_with_faults(&mut p, "alpha");
-    p.up("beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
+    let mut p = started_with_faults(32 * M, "", "alpha");
     qemu_io_ok(&p.uri("alpha"), &["write -P 0x11 4M 1M"]);
 
     set_faults(&p, "alpha", "any:4M-6M:eio\n");
@@ -205,11 +208,7 @@ fn blocks_a_failed_local_write_left_are_resynced_while_connected() {
 /// it stayed Outdated until the link was next established.
 #[test]
 fn a_secondary_whose_write_failed_is_brought_up_to_date_while_connected() {
-    let mut p = Pair::new(32 * M, "");
-    p.up("alpha");
-    up_with_faults(&mut p, "beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
+    let mut p = started_with_faults(32 * M, "", "beta");
 
     set_faults(&p, "beta", "write:8M-9M:eio\n");
     qemu_io_ok(&p.uri("alpha"), &["write -P 0x33 8M 64k"]);
@@ -226,11 +225,7 @@ fn a_secondary_whose_write_failed_is_brought_up_to_date_while_connected() {
 /// dropped with the reason and tried again, and once the disk works the pair resyncs.
 #[test]
 fn a_handshake_whose_bitmap_cannot_be_written_is_retried() {
-    let mut p = Pair::new(16 * M, "");
-    p.up("alpha");
-    up_with_faults(&mut p, "beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
+    let mut p = started_with_faults(16 * M, "", "beta");
     p.ok("beta", &["disconnect"]);
     qemu_io_ok(&p.uri("alpha"), &["write -P 0x3c 1M 2M"]);
     set_faults(&p, "beta", "meta:bitmap:eio\n");
@@ -254,11 +249,7 @@ fn a_handshake_whose_bitmap_cannot_be_written_is_retried() {
 /// pair reconnects and ends identical once the disk works.
 #[test]
 fn no_goodbye_without_a_flush() {
-    let mut p = Pair::new(16 * M, "");
-    up_with_faults(&mut p, "alpha");
-    p.up("beta");
-    p.ok("alpha", &["primary", "--force"]);
-    p.wait_in_sync(60);
+    let mut p = started_with_faults(16 * M, "", "alpha");
     qemu_io_ok(&p.uri("alpha"), &["write -P 0x5e 3M 1M"]);
     set_faults(&p, "alpha", "flush:0-1:eio\n");
     p.ok("alpha", &["disconnect"]);
