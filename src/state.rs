@@ -11,26 +11,23 @@ pub enum Role {
     Secondary,
 }
 
-/// The state of a node's local data, as DRBD names them.
+/// The state of a node's local data, as DRBD names them. DRBD's Diskless (a detached disk)
+/// comes with detach, which is not built; its Consistent (current or not, unknown) is not
+/// needed: a node knows from its metadata flags whether its copy is UpToDate or Outdated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum DiskState {
-    Diskless,
     /// Being written by a resync; not usable as a source.
     Inconsistent,
     /// Consistent but known to miss writes the peer has.
     Outdated,
-    /// Consistent; whether it is the newest copy is not known (peer unreachable).
-    Consistent,
     UpToDate,
 }
 
 impl DiskState {
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Diskless => "Diskless",
             Self::Inconsistent => "Inconsistent",
             Self::Outdated => "Outdated",
-            Self::Consistent => "Consistent",
             Self::UpToDate => "UpToDate",
         }
     }

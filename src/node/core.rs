@@ -122,7 +122,7 @@ pub enum Cause {
 
 use Cause as C;
 use Conn::*;
-use DiskState::{Consistent, Inconsistent, Outdated, UpToDate};
+use DiskState::{Inconsistent, Outdated, UpToDate};
 use Role::{Primary, Secondary};
 
 /// Every allowed role change. (A change to the same value is no change and always allowed.)
@@ -132,23 +132,18 @@ pub const ROLE_EDGES: &[(Role, Role, Cause)] = &[
     (Primary, Secondary, C::StepDown),
 ];
 
-/// Every allowed disk-state change. Diskless is never entered: detaching a failed disk
-/// (DESIGN.md invariant 9) is not built yet. Consistent is never entered either (a node
-/// starts UpToDate, Outdated or Inconsistent from its flags); it may only leave.
+/// Every allowed disk-state change. A node starts UpToDate, Outdated or Inconsistent, as its
+/// metadata flags say.
 pub const DISK_EDGES: &[(DiskState, DiskState, Cause)] = &[
     (UpToDate, Outdated, C::Outdate),
-    (Consistent, Outdated, C::Outdate),
     (Outdated, UpToDate, C::ProvenCurrent),
     (Outdated, UpToDate, C::ForcePromote),
     (Inconsistent, UpToDate, C::ForcePromote),
-    (Consistent, UpToDate, C::ForcePromote),
     // Becoming a sync target, or discarding the data on request.
     (UpToDate, Inconsistent, C::Handshake),
     (Outdated, Inconsistent, C::Handshake),
-    (Consistent, Inconsistent, C::Handshake),
     (UpToDate, Inconsistent, C::Invalidate),
     (Outdated, Inconsistent, C::Invalidate),
-    (Consistent, Inconsistent, C::Invalidate),
     // A finished resync makes the copy as current as its source.
     (Inconsistent, UpToDate, C::ResyncEnd),
     (Inconsistent, Outdated, C::ResyncEnd),
@@ -357,13 +352,7 @@ mod tests {
     use super::*;
 
     const ROLES: [Role; 2] = [Primary, Secondary];
-    const DISKS: [DiskState; 5] = [
-        DiskState::Diskless,
-        Inconsistent,
-        Outdated,
-        Consistent,
-        UpToDate,
-    ];
+    const DISKS: [DiskState; 3] = [Inconsistent, Outdated, UpToDate];
     const CONNS: [Conn; 7] = [
         StandAlone,
         Connecting,
@@ -375,11 +364,8 @@ mod tests {
     ];
 
     #[test]
-    fn diskless_and_consistent_are_never_entered_and_nothing_comes_back_from_inconsistent_but_a_resync(
-    ) {
+    fn nothing_comes_back_from_inconsistent_but_a_resync_or_force() {
         for &(from, to, cause) in DISK_EDGES {
-            assert_ne!(to, DiskState::Diskless);
-            assert_ne!(to, Consistent);
             if from == Inconsistent {
                 assert!(
                     matches!(cause, C::ResyncEnd | C::ForcePromote),
@@ -422,12 +408,7 @@ mod tests {
             assert!(ROLE_EDGES.iter().any(|&(_, t, _)| t == r));
         }
         for d in DISKS {
-            let entered = DISK_EDGES.iter().any(|&(_, t, _)| t == d);
-            assert_eq!(
-                entered,
-                !matches!(d, DiskState::Diskless | Consistent),
-                "{d:?}"
-            );
+            assert!(DISK_EDGES.iter().any(|&(_, t, _)| t == d), "{d:?}");
         }
     }
 
@@ -460,10 +441,7 @@ mod tests {
         assert!(st.check(Change::conn(Connected), C::Promote).is_ok());
         // The first illegal field is named, even if another is fine.
         let e = st
-            .check(
-                Change::role(Primary).and_disk(DiskState::Diskless),
-                C::Promote,
-            )
+            .check(Change::role(Primary).and_disk(Outdated), C::Promote)
             .unwrap_err();
         assert!(e.0.starts_with("disk"), "{e:?}");
         assert_eq!(st.illegal_transitions(), 0);

@@ -607,12 +607,6 @@ pub fn handshake(me: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Verdict {
     if me.node == peer.node {
         return refuse(format!("the peer claims my node name {:?}", me.node));
     }
-    if me.disk == DiskState::Diskless {
-        return refuse("I am diskless: nothing to resync".to_owned());
-    }
-    if peer.disk == DiskState::Diskless {
-        return refuse(format!("peer {} is diskless: nothing to resync", peer.node));
-    }
     if strategy == Strategy::Unrelated {
         return refuse("unrelated data: the two sides share no generation".to_owned());
     }
@@ -946,7 +940,7 @@ impl WitnessView {
 /// same, so no newer data exists anywhere. The witness still decides the promotion that
 /// follows. Returns why, or None.
 pub fn reclaim_identical_copy(me: &Side, peer: &Side, w: &WitnessView) -> Option<String> {
-    let stale = |d: DiskState| matches!(d, DiskState::Outdated | DiskState::Consistent);
+    let stale = |d: DiskState| d == DiskState::Outdated;
     let same = me.gens.current & !PRIMARY_BIT == peer.gens.current & !PRIMARY_BIT
         && me.out_of_sync_bytes == 0
         && peer.out_of_sync_bytes == 0;
@@ -1268,14 +1262,6 @@ mod tests {
             handshake(&alpha(g(A, 0, 0, 0)), &alpha(g(A, 0, 0, 0)), &pol),
             "my node name",
         );
-        refused(
-            handshake(
-                &alpha(g(A, 0, 0, 0)),
-                &beta(g(A, 0, 0, 0)).disk(DiskState::Diskless),
-                &pol,
-            ),
-            "diskless",
-        );
     }
 
     #[test]
@@ -1576,11 +1562,11 @@ mod tests {
     #[test]
     fn scenario_3_primary_crashes_secondary_not_promoted() {
         let (mut p, s) = initial_sync();
-        // p crashes with writes in flight and reboots: crashed primary, secondary, Consistent,
-        // its activity-log extents marked out of sync.
+        // p crashes with writes in flight and reboots: crashed primary, secondary, its flags
+        // say UpToDate, its activity-log extents marked out of sync.
         p.crashed_primary = true;
         p.role = Role::Secondary;
-        p.disk = DiskState::Consistent;
+        p.disk = DiskState::UpToDate;
         p.out_of_sync_bytes = 4 << 20;
         let v = handshake(&s, &p, &default_policy());
         assert_eq!(
@@ -1611,7 +1597,7 @@ mod tests {
         let (mut p, mut s) = initial_sync();
         p.crashed_primary = true;
         p.role = Role::Secondary;
-        p.disk = DiskState::Consistent;
+        p.disk = DiskState::UpToDate;
         p.out_of_sync_bytes = 4 << 20;
         // s is promoted and writes: the first write starts a new generation.
         s.role = Role::Primary;
@@ -1763,7 +1749,6 @@ mod tests {
             prop::sample::select(vec![
                 DiskState::Inconsistent,
                 DiskState::Outdated,
-                DiskState::Consistent,
                 DiskState::UpToDate,
                 DiskState::UpToDate,
             ]),
@@ -1960,7 +1945,7 @@ mod tests {
             for s in [&mut a, &mut b] {
                 s.discard_my_data = false;
                 if s.disk == DiskState::Inconsistent {
-                    s.disk = DiskState::Consistent;
+                    s.disk = DiskState::Outdated;
                 }
             }
             let v = handshake(&a, &b, &default_policy());

@@ -601,7 +601,7 @@ impl Node {
             tracing::error!("recording the outdated disk failed: {e}");
         }
         let mut st = self.state();
-        if st.disk() == DiskState::UpToDate || st.disk() == DiskState::Consistent {
+        if st.disk() == DiskState::UpToDate {
             st.set_disk(DiskState::Outdated, Cause::Outdate);
             drop(st);
             self.event("disk", json!({"disk": "Outdated", "reason": why}));
@@ -1182,13 +1182,6 @@ mod tests {
             true,
             Fencing::Witness,
             DiskState::Inconsistent,
-            Role::Secondary,
-            true
-        ));
-        assert!(!ok(
-            true,
-            Fencing::Witness,
-            DiskState::Consistent,
             Role::Secondary,
             true
         ));
