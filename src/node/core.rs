@@ -194,6 +194,16 @@ pub fn allowed<T: PartialEq + Copy>(edges: &[(T, T, Cause)], from: T, to: T, cau
             .any(|&(f, t, c)| f == from && t == to && c == cause)
 }
 
+/// What a copy is once a resync from a source whose copy is `source` finished: as current as
+/// the source (a copy of an Outdated copy may lack what it lacks).
+pub fn synced_copy(source: DiskState) -> DiskState {
+    if source == Outdated {
+        Outdated
+    } else {
+        UpToDate
+    }
+}
+
 /// One change of the state machine's fields.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Change {
@@ -331,6 +341,110 @@ impl State {
         }
     }
 
+    // ---- what happens to the state, one event at a time (plain code, no IO) ----
+
+    /// `connect [--discard-my-data]`: the operator wants the link up.
+    pub fn connect(&mut self, discard_my_data: bool) {
+        self.want_connect = true;
+        self.discard_my_data = discard_my_data;
+        self.split_brain = None;
+        self.last_refusal = None;
+        if self.conn == StandAlone {
+            self.go(Change::conn(Connecting), C::Connect);
+        }
+    }
+
+    /// `disconnect`: the operator wants the link down.
+    pub fn disconnect(&mut self) {
+        self.want_connect = false;
+        self.go(Change::conn(StandAlone), C::Disconnect);
+    }
+
+    /// The link went away. Returns whether this node was primary then. A sync target whose
+    /// resync did not finish stays Inconsistent.
+    pub fn link_lost(&mut self) -> bool {
+        let to = if self.want_connect {
+            Connecting
+        } else {
+            StandAlone
+        };
+        self.go(Change::conn(to), C::LinkLost);
+        self.resync = None;
+        self.verify = None;
+        self.role == Primary
+    }
+
+    /// Blocks were marked while connected: a primary that is Connected becomes SyncSource of
+    /// `total` bytes. False (and nothing changes) otherwise; only the caller that got true
+    /// runs the resync.
+    pub fn claim_online_resync(&mut self, total: u64) -> bool {
+        if self.role != Primary || self.conn != Connected || total == 0 {
+            return false;
+        }
+        self.go(Change::conn(SyncSource), C::ResyncStart);
+        self.resync = Some(Progress::new(total));
+        true
+    }
+
+    /// This node finished a resync as its source: Connected again. Returns its progress.
+    pub fn resync_done_as_source(&mut self) -> Option<Progress> {
+        if self.conn == SyncSource {
+            self.go(Change::conn(Connected), C::ResyncEnd);
+        }
+        self.resync.take()
+    }
+
+    /// This node finished a resync as its target, from a source whose copy is `source`: the
+    /// copy is as current as the source's (a copy of an Outdated copy is Outdated). Returns
+    /// the new disk state.
+    pub fn resync_done_as_target(&mut self, source: DiskState) -> DiskState {
+        let disk = synced_copy(source);
+        // After an online resync this node was Connected all along (or verifying).
+        let conn = if self.conn == SyncTarget {
+            Connected
+        } else {
+            self.conn
+        };
+        self.go(Change::conn(conn).and_disk(disk), C::ResyncEnd);
+        self.resync = None;
+        disk
+    }
+
+    /// This node starts an online verify of `size` bytes; refused unless plainly Connected.
+    pub fn verify_started(&mut self, size: u64) -> Result<(), String> {
+        if self.conn != Connected {
+            return Err(format!("cannot verify while {}", self.conn.as_str()));
+        }
+        self.go(Change::conn(VerifySource), C::Verify);
+        self.verify = Some(Progress::new(size));
+        Ok(())
+    }
+
+    /// This node's verify ended (finished or not): its result becomes the last verify.
+    pub fn verify_ended(&mut self) -> Option<Progress> {
+        if self.conn == VerifySource {
+            self.go(Change::conn(Connected), C::Verify);
+        }
+        let p = self.verify.take();
+        self.last_verify = p.clone();
+        p
+    }
+
+    /// The peer starts or ends a verify against this node. Only from plain Connected: a
+    /// resync or this node's own verify keeps its state. Whether anything changed.
+    pub fn peer_verify(&mut self, active: bool) -> bool {
+        let (from, to) = if active {
+            (Connected, VerifyTarget)
+        } else {
+            (VerifyTarget, Connected)
+        };
+        if self.conn != from {
+            return false;
+        }
+        self.go(Change::conn(to), C::PeerVerify);
+        true
+    }
+
     /// `go`, for a connection change only.
     pub fn set_conn(&mut self, conn: Conn, cause: Cause) {
         self.go(Change::conn(conn), cause);
@@ -423,6 +537,84 @@ mod tests {
         check(ROLE_EDGES);
         check(DISK_EDGES);
         check(CONN_EDGES);
+    }
+
+    /// A secondary connected and UpToDate, as after a handshake with nothing to resync.
+    fn connected() -> State {
+        let mut st = State::new(UpToDate);
+        st.go(Change::conn(Connected), C::Handshake);
+        st
+    }
+
+    #[test]
+    fn a_lost_link_is_retried_unless_the_operator_wants_it_down() {
+        let mut st = connected();
+        st.resync = Some(Progress::new(1));
+        assert!(!st.link_lost());
+        assert_eq!((st.conn(), st.resync.is_none()), (Connecting, true));
+        let mut st = connected();
+        st.disconnect();
+        assert_eq!(st.conn(), StandAlone);
+        assert!(!st.link_lost());
+        assert_eq!(st.conn(), StandAlone);
+        st.split_brain = Some("x".into());
+        st.connect(true);
+        assert_eq!(st.conn(), Connecting);
+        assert!(st.want_connect && st.discard_my_data && st.split_brain.is_none());
+        let mut st = connected();
+        st.set_role(Primary, C::Promote);
+        assert!(st.link_lost(), "a primary's loss is remembered");
+    }
+
+    #[test]
+    fn only_a_connected_primary_with_bits_claims_an_online_resync_and_only_once() {
+        let mut st = connected();
+        assert!(!st.claim_online_resync(4096), "a secondary");
+        st.set_role(Primary, C::Promote);
+        assert!(!st.claim_online_resync(0), "nothing marked");
+        assert!(st.claim_online_resync(4096));
+        assert_eq!(st.conn(), SyncSource);
+        assert!(!st.claim_online_resync(4096), "already resyncing");
+        assert_eq!(st.resync_done_as_source().unwrap().total_bytes, 4096);
+        assert_eq!(st.conn(), Connected);
+        assert!(st.verify_started(1).is_ok());
+        assert!(!st.claim_online_resync(4096), "verifying");
+    }
+
+    #[test]
+    fn a_finished_resync_makes_the_target_as_current_as_its_source() {
+        let mut st = State::new(Outdated);
+        st.go(
+            Change::conn(SyncTarget).and_disk(Inconsistent),
+            C::Handshake,
+        );
+        assert_eq!(st.resync_done_as_target(Outdated), Outdated);
+        assert_eq!(st.conn(), Connected);
+        let mut st = State::new(Inconsistent);
+        st.go(Change::conn(SyncTarget), C::Handshake);
+        assert_eq!(st.resync_done_as_target(UpToDate), UpToDate);
+        // An online resync leaves a verifying node's connection alone.
+        let mut st = connected();
+        st.verify_started(8).unwrap();
+        assert_eq!(st.resync_done_as_target(UpToDate), UpToDate);
+        assert_eq!(st.conn(), VerifySource);
+        assert!(st.verify_ended().is_some());
+        assert!(st.last_verify.is_some() && st.conn() == Connected);
+    }
+
+    #[test]
+    fn a_peer_verify_shows_only_over_a_plain_connection() {
+        let mut st = connected();
+        assert!(st.peer_verify(true));
+        assert_eq!(st.conn(), VerifyTarget);
+        assert!(st.verify_started(1).is_err(), "not while the peer verifies");
+        assert!(st.peer_verify(false));
+        assert_eq!(st.conn(), Connected);
+        st.set_role(Primary, C::Promote);
+        assert!(st.claim_online_resync(1));
+        assert!(!st.peer_verify(true), "a resync keeps its state");
+        assert!(!st.peer_verify(false));
+        assert_eq!(st.conn(), SyncSource);
     }
 
     #[test]

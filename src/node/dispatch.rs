@@ -9,10 +9,9 @@ use std::time::Instant;
 use serde_json::json;
 use tokio::io::AsyncRead;
 
-use super::core::Cause;
 use super::decide::{peer_claim, PeerClaim};
 use super::resync::{digests, resync_finished_as_target};
-use super::runtime::{Conn, Node};
+use super::runtime::Node;
 use super::{DiskState, Role};
 use crate::repl::link::{Link, Reply};
 use crate::repl::proto::{read_frame, Frame, Message};
@@ -212,17 +211,8 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                     link.complete(seq, error.map_or(Reply::Done, Reply::Error))
                 }
                 Message::Verifying { active } => {
-                    let (from, to) = if active {
-                        (Conn::Connected, Conn::VerifyTarget)
-                    } else {
-                        (Conn::VerifyTarget, Conn::Connected)
-                    };
-                    let mut st = node.state();
-                    // Only from plain Connected: a resync or this node's own verify keeps
-                    // its state (the digests are answered either way).
-                    if st.conn() == from {
-                        st.set_conn(to, Cause::PeerVerify);
-                        drop(st);
+                    // The digests are answered whatever the state shows.
+                    if node.state().peer_verify(active) {
                         let state = if active { "started" } else { "finished" };
                         tracing::info!("{}'s verify against this node {state}", link.peer_node);
                         node.event("verify", json!({"state": state, "role": "target"}));

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::json;
 
-use super::core::{Cause, Change};
-use super::runtime::{Conn, Node, Progress};
-use super::{DiskState, Role};
+use super::core::synced_copy;
+use super::runtime::{Node, Progress};
+use super::DiskState;
 use crate::repl::link::{Link, LinkLost, Reply};
 use crate::repl::proto::{Kind, Message};
 use crate::repl::requests::{peer_flush, Replicated};
@@ -30,11 +30,8 @@ pub(super) fn resync_finished_as_target(
     source: DiskState,
 ) -> Result<(), String> {
     let size = node.size;
-    let disk = if source == DiskState::Outdated {
-        DiskState::Outdated
-    } else {
-        DiskState::UpToDate
-    };
+    // Decided before it is recorded; applied to the state only once it is.
+    let disk = synced_copy(source);
     let result = {
         let mut meta = node.meta();
         meta.mark_in_sync(0, size);
@@ -52,16 +49,7 @@ pub(super) fn resync_finished_as_target(
         tracing::error!("{why}");
         return Err(why);
     }
-    {
-        let mut st = node.state();
-        // After an online resync this node was Connected all along (or verifying).
-        let conn = match st.conn() {
-            Conn::SyncTarget => Conn::Connected,
-            other => other,
-        };
-        st.go(Change::conn(conn).and_disk(disk), Cause::ResyncEnd);
-        st.resync = None;
-    }
+    node.state().resync_done_as_target(source);
     tracing::info!("resync finished: this node is {}", disk.as_str());
     node.event(
         "resync",
@@ -124,16 +112,13 @@ pub fn resync_while_connected(node: &Arc<Node>) {
 fn claim_online_resync(node: &Node, link: &Arc<Link>) -> bool {
     let total = {
         let mut st = node.state();
-        let current = node.link().is_some_and(|l| Arc::ptr_eq(&l, link));
-        if st.role() != Role::Primary || st.conn() != Conn::Connected || !current {
+        if !node.link().is_some_and(|l| Arc::ptr_eq(&l, link)) {
             return false;
         }
         let total = node.meta().out_of_sync_bytes();
-        if total == 0 {
+        if !st.claim_online_resync(total) {
             return false;
         }
-        st.set_conn(Conn::SyncSource, Cause::ResyncStart);
-        st.resync = Some(Progress::new(total));
         total
     };
     tracing::warn!("{total} bytes marked out of sync while connected: resyncing them to the peer");
@@ -261,13 +246,7 @@ async fn resync_round(node: Arc<Node>, link: Arc<Link>) -> Round {
     if link.send(&Message::ResyncDone { gens }).await.is_err() {
         return Round::Stopped;
     }
-    let done = {
-        let mut st = node.state();
-        if st.conn() == Conn::SyncSource {
-            st.set_conn(Conn::Connected, Cause::ResyncEnd);
-        }
-        st.resync.take()
-    };
+    let done = node.state().resync_done_as_source();
     // The target's view of this node still has the bits of the handshake.
     node.announce().await;
     let (synced, sent, secs) = done.map_or((0, 0, 0.0), |p| {
@@ -372,14 +351,7 @@ pub(super) async fn digests(node: &Node, offset: u64, len: u64) -> std::io::Resu
 /// out of sync; a later reconnect resyncs them.
 pub async fn verify(node: Arc<Node>) -> Result<Progress, String> {
     let link = node.link().ok_or("not connected to the peer")?;
-    {
-        let mut st = node.state();
-        if st.conn() != Conn::Connected {
-            return Err(format!("cannot verify while {}", st.conn().as_str()));
-        }
-        st.set_conn(Conn::VerifySource, Cause::Verify);
-        st.verify = Some(Progress::new(node.size));
-    }
+    node.state().verify_started(node.size)?;
     let _ = link.send(&Message::Verifying { active: true }).await;
     node.event("verify", json!({"state": "started"}));
     let mut offset = 0;
@@ -420,15 +392,7 @@ pub async fn verify(node: Arc<Node>) -> Result<Progress, String> {
         }
         offset += len;
     };
-    let progress = {
-        let mut st = node.state();
-        if st.conn() == Conn::VerifySource {
-            st.set_conn(Conn::Connected, Cause::Verify);
-        }
-        let p = st.verify.take();
-        st.last_verify = p.clone();
-        p
-    };
+    let progress = node.state().verify_ended();
     let _ = link.send(&Message::Verifying { active: false }).await;
     let _ = node.meta().flush_bitmap();
     let p = progress.unwrap_or_else(|| Progress::new(node.size));

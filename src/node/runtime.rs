@@ -200,19 +200,9 @@ impl Node {
         }
         // Logged before the state changes, so whoever sees the new state finds the reason.
         tracing::warn!("connection to {} lost: {why}", self.peer_cfg.name);
-        let mut st = self.state();
+        let was_primary = self.state().link_lost();
         self.primary_when_peer_lost
-            .store(st.role() == Role::Primary, Ordering::Relaxed);
-        let to = if st.want_connect {
-            Conn::Connecting
-        } else {
-            Conn::StandAlone
-        };
-        st.set_conn(to, Cause::LinkLost);
-        st.resync = None;
-        st.verify = None;
-        // A sync target whose resync did not finish stays Inconsistent.
-        drop(st);
+            .store(was_primary, Ordering::Relaxed);
         self.event(
             "connection",
             json!({"state": "lost", "peer": self.peer_cfg.name, "reason": why}),
@@ -492,15 +482,7 @@ impl Node {
 
     /// `connect [--discard-my-data]`.
     pub fn connect(&self, discard_my_data: bool) -> String {
-        let mut st = self.state();
-        st.want_connect = true;
-        st.discard_my_data = discard_my_data;
-        st.split_brain = None;
-        st.last_refusal = None;
-        if st.conn() == Conn::StandAlone {
-            st.set_conn(Conn::Connecting, Cause::Connect);
-        }
-        drop(st);
+        self.state().connect(discard_my_data);
         self.event(
             "connection",
             json!({"state": "connecting", "discard_my_data": discard_my_data}),
@@ -514,15 +496,11 @@ impl Node {
 
     /// `disconnect`.
     pub async fn disconnect(self: &Arc<Self>) -> String {
-        {
-            let mut st = self.state();
-            st.want_connect = false;
-            st.set_conn(Conn::StandAlone, Cause::Disconnect);
-        }
+        self.state().disconnect();
         self.drop_link("peer disconnected by operator", "disconnected by operator")
             .await;
-        // A handshake that ended meanwhile has seen `want_connect` and left it StandAlone.
-        self.state().set_conn(Conn::StandAlone, Cause::Disconnect);
+        // Whatever a handshake that ended meanwhile did, the link stays down.
+        self.state().disconnect();
         self.event(
             "connection",
             json!({"state": "StandAlone", "reason": "operator request"}),
