@@ -315,8 +315,9 @@ impl State {
         Ok(())
     }
 
-    /// Apply `change` for `cause`. The only way the role, disk and connection change.
-    pub fn go(&mut self, change: Change, cause: Cause) {
+    /// Apply `change` for `cause`: the one place the role, disk and connection change, called
+    /// only by the named events above.
+    fn go(&mut self, change: Change, cause: Cause) {
         if let Err(Illegal(what)) = self.check(change, cause) {
             tracing::error!(
                 "illegal state transition: {what} (from {}/{}/{}); this is a bug",
@@ -342,6 +343,85 @@ impl State {
     }
 
     // ---- what happens to the state, one event at a time (plain code, no IO) ----
+
+    /// Fencing done (the witness's epoch, the handler's proof, or a switchover's hand-over).
+    pub fn promoted(&mut self) {
+        self.go(Change::role(Primary), C::Promote);
+    }
+
+    /// `secondary`, or this primary's half of a switchover.
+    pub fn demoted(&mut self) {
+        self.go(Change::role(Secondary), C::Demote);
+    }
+
+    /// The lease ran out or a newer epoch was seen. False if this node was not primary.
+    pub fn stepped_down(&mut self) -> bool {
+        if self.role != Primary {
+            return false;
+        }
+        self.go(Change::role(Secondary), C::StepDown);
+        true
+    }
+
+    /// `primary --force` of a copy that is not UpToDate: it becomes the reference.
+    pub fn forced_up_to_date(&mut self) {
+        self.go(Change::disk(UpToDate), C::ForcePromote);
+    }
+
+    /// This copy lacks writes the other has. False if it was not UpToDate (an Inconsistent
+    /// copy stays Inconsistent).
+    pub fn outdated(&mut self) -> bool {
+        if self.disk != UpToDate {
+            return false;
+        }
+        self.go(Change::disk(Outdated), C::Outdate);
+        true
+    }
+
+    /// The witness, or an identical UpToDate peer, proved this copy current. False if it is
+    /// not Outdated (e.g. it became a sync target meanwhile).
+    pub fn proven_current(&mut self) -> bool {
+        if self.disk != Outdated {
+            return false;
+        }
+        self.go(Change::disk(UpToDate), C::ProvenCurrent);
+        true
+    }
+
+    /// `invalidate`: the data is discarded; a full resync from the peer follows.
+    pub fn invalidated(&mut self) {
+        self.go(Change::disk(Inconsistent), C::Invalidate);
+    }
+
+    /// The handshake found a split brain: StandAlone until an operator decides.
+    pub fn split_brain_found(&mut self, detail: String) {
+        self.split_brain = Some(detail);
+        self.want_connect = false;
+        self.go(Change::conn(StandAlone), C::HandshakeRefused);
+    }
+
+    /// The handshake refused to connect: StandAlone until an operator decides.
+    pub fn handshake_refused(&mut self, detail: String) {
+        self.last_refusal = Some(detail);
+        self.want_connect = false;
+        self.go(Change::conn(StandAlone), C::HandshakeRefused);
+    }
+
+    /// The handshake decided `conn` with `out_of_sync` bytes to resync. A sync target's copy
+    /// is Inconsistent until the resync ends.
+    pub fn handshake_done(&mut self, conn: Conn, out_of_sync: u64) {
+        self.discard_my_data = false;
+        self.last_refusal = None;
+        let change = Change::conn(conn);
+        if conn == SyncTarget {
+            self.go(change.and_disk(Inconsistent), C::Handshake);
+        } else {
+            self.go(change, C::Handshake);
+        }
+        if matches!(conn, SyncSource | SyncTarget) {
+            self.resync = Some(Progress::new(out_of_sync));
+        }
+    }
 
     /// `connect [--discard-my-data]`: the operator wants the link up.
     pub fn connect(&mut self, discard_my_data: bool) {
@@ -443,21 +523,6 @@ impl State {
         }
         self.go(Change::conn(to), C::PeerVerify);
         true
-    }
-
-    /// `go`, for a connection change only.
-    pub fn set_conn(&mut self, conn: Conn, cause: Cause) {
-        self.go(Change::conn(conn), cause);
-    }
-
-    /// `go`, for a disk change only.
-    pub fn set_disk(&mut self, disk: DiskState, cause: Cause) {
-        self.go(Change::disk(disk), cause);
-    }
-
-    /// `go`, for a role change only.
-    pub fn set_role(&mut self, role: Role, cause: Cause) {
-        self.go(Change::role(role), cause);
     }
 }
 
@@ -562,7 +627,7 @@ mod tests {
         assert_eq!(st.conn(), Connecting);
         assert!(st.want_connect && st.discard_my_data && st.split_brain.is_none());
         let mut st = connected();
-        st.set_role(Primary, C::Promote);
+        st.promoted();
         assert!(st.link_lost(), "a primary's loss is remembered");
     }
 
@@ -570,7 +635,7 @@ mod tests {
     fn only_a_connected_primary_with_bits_claims_an_online_resync_and_only_once() {
         let mut st = connected();
         assert!(!st.claim_online_resync(4096), "a secondary");
-        st.set_role(Primary, C::Promote);
+        st.promoted();
         assert!(!st.claim_online_resync(0), "nothing marked");
         assert!(st.claim_online_resync(4096));
         assert_eq!(st.conn(), SyncSource);
@@ -610,11 +675,43 @@ mod tests {
         assert!(st.verify_started(1).is_err(), "not while the peer verifies");
         assert!(st.peer_verify(false));
         assert_eq!(st.conn(), Connected);
-        st.set_role(Primary, C::Promote);
+        st.promoted();
         assert!(st.claim_online_resync(1));
         assert!(!st.peer_verify(true), "a resync keeps its state");
         assert!(!st.peer_verify(false));
         assert_eq!(st.conn(), SyncSource);
+    }
+
+    #[test]
+    fn roles_and_copies_change_only_from_the_states_that_allow_it() {
+        let mut st = connected();
+        assert!(
+            !st.stepped_down(),
+            "a secondary has nothing to step down from"
+        );
+        st.promoted();
+        assert!(st.stepped_down());
+        assert_eq!(st.role(), Secondary);
+        assert!(!st.proven_current(), "already UpToDate");
+        assert!(st.outdated());
+        assert!(!st.outdated());
+        assert!(st.proven_current());
+        // A sync target's copy is Inconsistent: neither outdated nor proven current.
+        let mut st = State::new(Outdated);
+        st.handshake_done(SyncTarget, 4096);
+        assert_eq!((st.disk(), st.conn()), (Inconsistent, SyncTarget));
+        assert_eq!(st.resync.as_ref().unwrap().total_bytes, 4096);
+        assert!(!st.outdated() && !st.proven_current());
+        assert_eq!(st.disk(), Inconsistent);
+        // A refused handshake needs the operator.
+        let mut st = State::new(UpToDate);
+        st.split_brain_found("both wrote".into());
+        assert_eq!(st.conn(), StandAlone);
+        assert!(!st.want_connect && st.split_brain.is_some());
+        st.connect(false);
+        st.handshake_refused("unrelated data".into());
+        assert!(!st.want_connect && st.last_refusal.is_some());
+        assert_eq!(st.illegal_transitions(), 0);
     }
 
     #[test]

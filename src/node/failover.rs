@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::core::Cause;
 use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
 use super::runtime::Node;
 use super::{DiskState, Role};
@@ -600,10 +599,7 @@ impl Node {
         if let Err(e) = self.meta().update(|sb| sb.flags.outdated = true) {
             tracing::error!("recording the outdated disk failed: {e}");
         }
-        let mut st = self.state();
-        if st.disk() == DiskState::UpToDate {
-            st.set_disk(DiskState::Outdated, Cause::Outdate);
-            drop(st);
+        if self.state().outdated() {
             self.event("disk", json!({"disk": "Outdated", "reason": why}));
         }
     }
@@ -620,7 +616,7 @@ impl Node {
             tracing::error!("recording the UpToDate copy failed: {e}");
             return false;
         }
-        st.set_disk(DiskState::UpToDate, Cause::ProvenCurrent);
+        st.proven_current();
         drop(st);
         tracing::warn!("data UpToDate again: {why}");
         self.event("disk", json!({"disk": "UpToDate", "reason": why}));
@@ -718,7 +714,7 @@ impl Node {
         } else {
             Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
         };
-        self.state().set_role(Role::Primary, Cause::Promote);
+        self.state().promoted();
         self.lost_primary_role.store(false, Ordering::Relaxed);
         self.set_fence(fence);
         let msg = format!("promoted to primary: {why}");
@@ -835,12 +831,8 @@ impl Node {
     fn step_down(&self, why: String, stale: bool) {
         *self.lease_until.lock().unwrap() = None;
         self.set_fence(Fence::Lost(why.clone()));
-        {
-            let mut st = self.state();
-            if st.role() != Role::Primary {
-                return;
-            }
-            st.set_role(Role::Secondary, Cause::StepDown);
+        if !self.state().stepped_down() {
+            return;
         }
         self.lost_primary_role.store(true, Ordering::Relaxed);
         if let Err(e) = self.meta().update(|sb| {
@@ -1065,7 +1057,7 @@ impl Node {
             .await
             .map_err(|e| Failure::error(format!("flush failed: {e}")))?;
         {
-            self.state().set_role(Role::Secondary, Cause::Demote);
+            self.state().demoted();
             self.meta()
                 .update(|sb| {
                     sb.flags.was_primary = false;

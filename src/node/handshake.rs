@@ -9,11 +9,10 @@ use serde_json::json;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::core::{Cause, Change};
 use super::decide::{handshake as decide, handshake_epochs, Direction, EpochCheck, Side, Verdict};
 use super::dispatch::{now_ms, ping_loop, read_loop};
 use super::resync::{resync_source, resync_while_connected};
-use super::runtime::{Conn, Node, Progress};
+use super::runtime::{Conn, Node};
 use super::DiskState;
 use crate::repl::link::Link;
 use crate::repl::proto::{
@@ -213,8 +212,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
                 if node.state().disk() == DiskState::Outdated && peer.disk == DiskState::UpToDate {
                     // Same data as an UpToDate peer: not outdated after all.
                     let _ = node.persist(|sb| sb.flags.outdated = false);
-                    node.state()
-                        .set_disk(DiskState::UpToDate, Cause::ProvenCurrent);
+                    node.state().proven_current();
                 }
                 (Conn::Connected, false)
             }
@@ -230,12 +228,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             ..
         } => (Conn::SyncTarget, *full),
         Verdict::SplitBrain { .. } => {
-            {
-                let mut st = node.state();
-                st.split_brain = Some(explain.clone());
-                st.want_connect = false;
-                st.set_conn(Conn::StandAlone, Cause::HandshakeRefused);
-            }
+            node.state().split_brain_found(explain.clone());
             tracing::error!(
                 "split brain detected with {}: {explain}",
                 node.peer_cfg.name
@@ -247,12 +240,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             return Ok(());
         }
         Verdict::Refuse { reason, .. } => {
-            {
-                let mut st = node.state();
-                st.last_refusal = Some(explain.clone());
-                st.want_connect = false;
-                st.set_conn(Conn::StandAlone, Cause::HandshakeRefused);
-            }
+            node.state().handshake_refused(explain.clone());
             tracing::error!("refusing to connect to {}: {reason}", node.peer_cfg.name);
             node.event(
                 "connection",
@@ -310,21 +298,10 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     node.set_fence(crate::node::failover::Fence::Clear);
     {
         let mut st = node.state();
-        st.discard_my_data = false;
-        st.last_refusal = None;
+        st.handshake_done(conn, node.meta().out_of_sync_bytes());
         if conn == Conn::SyncTarget {
-            st.go(
-                Change::conn(conn).and_disk(DiskState::Inconsistent),
-                Cause::Handshake,
-            );
             // Whatever the copy was, it becomes the source's.
             node.lapsed_in.store(0, Ordering::Relaxed);
-        } else {
-            st.set_conn(conn, Cause::Handshake);
-        }
-        let total = node.meta().out_of_sync_bytes();
-        if matches!(conn, Conn::SyncSource | Conn::SyncTarget) {
-            st.resync = Some(Progress::new(total));
         }
     }
     tracing::info!("connected to {} as {}", node.peer_cfg.name, conn.as_str());

@@ -9,7 +9,6 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
-use super::core::Cause;
 pub use super::core::{Conn, Progress, State};
 use super::failover::Fence;
 use super::{DiskState, Role};
@@ -430,8 +429,7 @@ impl Node {
             meta.flush_bitmap()
                 .map_err(|e| Failure::error(e.to_string()))?;
             drop(meta);
-            self.state()
-                .set_disk(DiskState::UpToDate, Cause::ForcePromote);
+            self.state().forced_up_to_date();
         }
         self.become_primary(epoch, &why, force)
             .await
@@ -467,7 +465,7 @@ impl Node {
             sb.flags.was_primary = false;
             sb.gens.set_primary(false);
         })?;
-        self.state().set_role(Role::Secondary, Cause::Demote);
+        self.state().demoted();
         self.lost_primary_role.store(false, Ordering::Relaxed);
         self.release_lease().await;
         self.set_fence(Fence::Clear);
@@ -522,8 +520,7 @@ impl Node {
             meta.flush_bitmap()
                 .map_err(|e| Failure::error(e.to_string()))?;
         }
-        self.state()
-            .set_disk(DiskState::Inconsistent, Cause::Invalidate);
+        self.state().invalidated();
         self.event(
             "disk",
             json!({"disk": "Inconsistent", "reason": "invalidate"}),
