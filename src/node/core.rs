@@ -259,6 +259,12 @@ pub struct State {
     pub verify: Option<Progress>,
     /// Result of the last finished verify.
     pub last_verify: Option<Progress>,
+    /// This node lost the primary role without an operator asking (lease, supersession):
+    /// if nobody took over, it takes the role back once it is connected and UpToDate.
+    pub lost_primary_role: bool,
+    /// The epoch whose lease ran out on this primary, while that is the only reason its copy
+    /// is Outdated: the witness may still prove it UpToDate.
+    pub lapsed_in: Option<u64>,
 }
 
 impl State {
@@ -276,6 +282,8 @@ impl State {
             resync: None,
             verify: None,
             last_verify: None,
+            lost_primary_role: false,
+            lapsed_in: None,
         }
     }
 
@@ -347,11 +355,13 @@ impl State {
     /// Fencing done (the witness's epoch, the handler's proof, or a switchover's hand-over).
     pub fn promoted(&mut self) {
         self.go(Change::role(Primary), C::Promote);
+        self.lost_primary_role = false;
     }
 
     /// `secondary`, or this primary's half of a switchover.
     pub fn demoted(&mut self) {
         self.go(Change::role(Secondary), C::Demote);
+        self.lost_primary_role = false;
     }
 
     /// The lease ran out or a newer epoch was seen. False if this node was not primary.
@@ -360,6 +370,7 @@ impl State {
             return false;
         }
         self.go(Change::role(Secondary), C::StepDown);
+        self.lost_primary_role = true;
         true
     }
 
@@ -371,6 +382,8 @@ impl State {
     /// This copy lacks writes the other has. False if it was not UpToDate (an Inconsistent
     /// copy stays Inconsistent).
     pub fn outdated(&mut self) -> bool {
+        // Whatever the reason was, it is not only a lapsed lease any more.
+        self.lapsed_in = None;
         if self.disk != UpToDate {
             return false;
         }
@@ -381,6 +394,7 @@ impl State {
     /// The witness, or an identical UpToDate peer, proved this copy current. False if it is
     /// not Outdated (e.g. it became a sync target meanwhile).
     pub fn proven_current(&mut self) -> bool {
+        self.lapsed_in = None;
         if self.disk != Outdated {
             return false;
         }
@@ -415,6 +429,8 @@ impl State {
         let change = Change::conn(conn);
         if conn == SyncTarget {
             self.go(change.and_disk(Inconsistent), C::Handshake);
+            // Whatever the copy was, it becomes the source's.
+            self.lapsed_in = None;
         } else {
             self.go(change, C::Handshake);
         }
@@ -703,6 +719,18 @@ mod tests {
         assert_eq!(st.resync.as_ref().unwrap().total_bytes, 4096);
         assert!(!st.outdated() && !st.proven_current());
         assert_eq!(st.disk(), Inconsistent);
+        // A lost role and a lapsed lease are remembered until an event ends them.
+        let mut st = connected();
+        st.promoted();
+        assert!(st.stepped_down() && st.lost_primary_role);
+        st.lapsed_in = Some(7);
+        st.handshake_done(Connected, 0);
+        assert_eq!(st.lapsed_in, Some(7), "a plain reconnect keeps it");
+        // Any proof attempt ends it, even one that finds the copy UpToDate already.
+        assert!(!st.proven_current());
+        assert_eq!(st.lapsed_in, None);
+        st.promoted();
+        assert!(!st.lost_primary_role);
         // A refused handshake needs the operator.
         let mut st = State::new(UpToDate);
         st.split_brain_found("both wrote".into());

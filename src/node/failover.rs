@@ -341,8 +341,9 @@ impl Node {
         let n = self.clone();
         tokio::spawn(async move {
             let still = || {
-                n.lapsed_in.load(Ordering::Relaxed) == epoch + 1
-                    && n.state().disk() == DiskState::Outdated
+                let st = n.state();
+                st.lapsed_in == Some(epoch)
+                    && st.disk() == DiskState::Outdated
                     && n.meta().superblock().epoch == epoch
             };
             let Some(w) = n.witness_view(still).await else {
@@ -523,9 +524,7 @@ impl Node {
         let peer_secondary = self
             .link()
             .is_some_and(|l| l.peer.lock().unwrap().role == Role::Secondary);
-        if peer_secondary
-            && self.takeover_blocked(true).is_none()
-            && self.lost_primary_role.load(Ordering::Relaxed)
+        if peer_secondary && self.takeover_blocked(true).is_none() && self.state().lost_primary_role
         {
             tracing::warn!("nobody took over the primary role this node lost: taking it back");
             let n = self.clone();
@@ -578,7 +577,7 @@ impl Node {
             return;
         }
         // The witness's holder: nobody took over from it, so it takes the role back.
-        self.lost_primary_role.store(true, Ordering::Relaxed);
+        self.state().lost_primary_role = true;
         self.drop_link(
             "reconnecting: my copy is UpToDate again",
             "reconnecting: this copy is UpToDate again",
@@ -595,7 +594,6 @@ impl Node {
 
     /// Mark this node's data Outdated (persisted): it will not promote automatically.
     pub(crate) fn outdate_myself(&self, why: &str) {
-        self.lapsed_in.store(0, Ordering::Relaxed);
         if let Err(e) = self.meta().update(|sb| sb.flags.outdated = true) {
             tracing::error!("recording the outdated disk failed: {e}");
         }
@@ -607,8 +605,8 @@ impl Node {
     /// Undo `outdate_myself` (persisted first); false if that failed, or if the copy is no
     /// longer Outdated (e.g. it became a sync target while the witness was asked).
     fn outdated_no_more(&self, why: &str) -> bool {
-        self.lapsed_in.store(0, Ordering::Relaxed);
         let mut st = self.state();
+        st.lapsed_in = None;
         if st.disk() != DiskState::Outdated {
             return false;
         }
@@ -715,7 +713,6 @@ impl Node {
             Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
         };
         self.state().promoted();
-        self.lost_primary_role.store(false, Ordering::Relaxed);
         self.set_fence(fence);
         let msg = format!("promoted to primary: {why}");
         if forced {
@@ -812,7 +809,7 @@ impl Node {
             );
             if stale {
                 let epoch = self.meta().superblock().epoch;
-                self.lapsed_in.store(epoch + 1, Ordering::Relaxed);
+                self.state().lapsed_in = Some(epoch);
                 self.resolve_lapse(epoch);
             }
             return true;
@@ -834,7 +831,6 @@ impl Node {
         if !self.state().stepped_down() {
             return;
         }
-        self.lost_primary_role.store(true, Ordering::Relaxed);
         if let Err(e) = self.meta().update(|sb| {
             sb.flags.was_primary = false;
             sb.gens.set_primary(false);

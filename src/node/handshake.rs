@@ -1,7 +1,7 @@
 //! Establishing the peer link: accept or dial, authenticate, exchange states and bitmaps,
 //! decide the sync direction, then run the link until it is lost.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -296,14 +296,8 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     }
     // Writes held by fencing go to this link now.
     node.set_fence(crate::node::failover::Fence::Clear);
-    {
-        let mut st = node.state();
-        st.handshake_done(conn, node.meta().out_of_sync_bytes());
-        if conn == Conn::SyncTarget {
-            // Whatever the copy was, it becomes the source's.
-            node.lapsed_in.store(0, Ordering::Relaxed);
-        }
-    }
+    node.state()
+        .handshake_done(conn, node.meta().out_of_sync_bytes());
     tracing::info!("connected to {} as {}", node.peer_cfg.name, conn.as_str());
     if let Some(why) = crate::node::decide::nobody_promotable(
         &Side::of(&node.me.name, &node.my_peer_state()),

@@ -73,12 +73,6 @@ pub struct Node {
     pub(crate) witness: tokio::sync::Mutex<Option<crate::fence::witness_client::WitnessClient>>,
     /// Why an automatic promotion is not happening (or is waiting), for status.
     pub(crate) failover_note: Mutex<Option<String>>,
-    /// This node lost the primary role without an operator asking (lease, supersession):
-    /// if nobody took over, it takes the role back once it is connected and UpToDate.
-    pub(crate) lost_primary_role: std::sync::atomic::AtomicBool,
-    /// Epoch + 1 while this copy is Outdated only because this node's lease ran out as
-    /// primary of that epoch (0 otherwise): the witness may still prove it UpToDate.
-    pub(crate) lapsed_in: std::sync::atomic::AtomicU64,
     /// A switchover is draining this primary: new NBD clients are refused.
     pub switching: std::sync::atomic::AtomicBool,
 }
@@ -126,8 +120,6 @@ impl Node {
             failover_note: Mutex::new(None),
             switching: std::sync::atomic::AtomicBool::new(false),
             primary_when_peer_lost: std::sync::atomic::AtomicBool::new(false),
-            lost_primary_role: std::sync::atomic::AtomicBool::new(false),
-            lapsed_in: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -466,7 +458,6 @@ impl Node {
             sb.gens.set_primary(false);
         })?;
         self.state().demoted();
-        self.lost_primary_role.store(false, Ordering::Relaxed);
         self.release_lease().await;
         self.set_fence(Fence::Clear);
         tracing::info!("demoted to secondary");
