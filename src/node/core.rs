@@ -1,7 +1,9 @@
 //! The node's state (role, disk and connection, and what goes with them) and the table of
 //! every change it may make (issue 12, after Crucible's checked transitions). The fields that
-//! make up the state machine are private: they change only through `State::go`, which names
-//! the cause and checks the edge against the table. An edge the table does not have is a bug:
+//! make up the state machine are private: they change only through the named events of
+//! `State` (plain code, no IO), which decide the new state and apply it through one private
+//! `go` that names the cause and checks the edge against the table. An edge the table does
+//! not have is a bug:
 //! a debug build (every test's node) aborts on it, so the test that reached it fails; a
 //! release build logs it, counts it in `status` (`illegal_transitions`) and carries on, and
 //! the nemesis fails its run on such a log line.
