@@ -10,6 +10,8 @@ pub mod fence;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod meta;
+#[doc(hidden)]
+pub mod mutation;
 pub mod nbd;
 pub mod node;
 pub mod policy;

@@ -786,6 +786,9 @@ impl Meta {
         let Some((e0, e1)) = self.extent_range(offset, len) else {
             return Ok(false);
         };
+        if crate::mutation::active(crate::mutation::Mutation::ActivityLog) {
+            return Ok(false);
+        }
         let count = e1 - e0 + 1;
         if count > self.sb.al_extents as u64 {
             return Err(MetaError::invalid(

@@ -7,6 +7,17 @@ pub const JUST_CREATED: u64 = 4;
 /// Bit 0 of a generation records "was primary"; every comparison masks it out.
 pub const PRIMARY_BIT: u64 = 1;
 
+thread_local! {
+    static SEEDED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Draw this thread's new generations from `seed` instead of the kernel (the deterministic
+/// simulator); `None` goes back to the kernel's random source.
+#[doc(hidden)]
+pub fn seed_this_thread(seed: Option<u64>) {
+    SEEDED.with(|s| s.set(seed));
+}
+
 /// current / bitmap / two history slots, as in DRBD 8.4's two-node model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Generations {
@@ -28,9 +39,22 @@ impl Generations {
     /// A fresh random generation (bit 0 clear, never 0 or JUST_CREATED).
     pub fn random() -> u64 {
         loop {
-            let mut b = [0u8; 8];
-            getrandom::getrandom(&mut b).expect("the kernel's random source");
-            let v = u64::from_le_bytes(b) & !PRIMARY_BIT;
+            let v = SEEDED.with(|s| {
+                s.get().map(|x| {
+                    // splitmix64: the simulator's runs repeat from their seed.
+                    let x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    s.set(Some(x));
+                    let mut z = x;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^ (z >> 31)
+                })
+            });
+            let v = v.unwrap_or_else(|| {
+                let mut b = [0u8; 8];
+                getrandom::getrandom(&mut b).expect("the kernel's random source");
+                u64::from_le_bytes(b)
+            }) & !PRIMARY_BIT;
             if v > JUST_CREATED {
                 return v;
             }

@@ -1,11 +1,8 @@
 //! Failover: the lease a witness-fenced primary holds, fencing the peer when the link is lost,
 //! automatic promotion of a secondary whose primary disappeared, and switchover.
 //!
-//! The one-writer rule (DESIGN.md invariant 2) rests on two facts. A write the peer
-//! acknowledged is on both nodes, and the peer stops acknowledging before it ever asks to
-//! promote (it drops the link first), so such writes are safe whatever the lease says. A write
-//! acknowledged *without* the peer needs both a valid lease for the current epoch and the peer
-//! proven outdated for that epoch (by the witness or the fence handler); until then it is held.
+//! Every decision is taken by a plain function of `rules` (which the simulator runs too);
+//! this file does the IO around them: witness requests, the handler, metadata, timers.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,12 +11,17 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
+use super::rules::{
+    acquire_outcome, hold_decision, lease_lapse, lease_until, witness_verdict, HoldDecision,
+    OnLinkLost, WitnessVerdict,
+};
+pub use super::rules::{auto_promotion_blocked, lease_margin, Acquire, Fence};
 use super::runtime::Node;
 use super::{DiskState, Role};
 use crate::config::Fencing;
 use crate::failure::Failure;
 use crate::fence::handler::{self, HandlerDecision};
-use crate::fence::witness_client::{Refusal, Reply as WReply, Request as WRequest, WitnessClient};
+use crate::fence::witness_client::{Reply as WReply, Request as WRequest, WitnessClient};
 use crate::repl::link::Link;
 
 /// How long a fence handler may run before it counts as broken.
@@ -29,31 +31,6 @@ const FENCE_RETRY: Duration = Duration::from_millis(250);
 /// How often a fence handler that proved nothing is run again.
 const HANDLER_RETRY: Duration = Duration::from_secs(2);
 
-/// What a primary may do with a write the peer did not acknowledge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fence {
-    /// The peer is connected (or this node is not primary): nothing to decide.
-    Clear,
-    /// The link is gone and fencing is in progress: hold the write.
-    Pending(String),
-    /// The peer is proven unable to acknowledge writes: go on without it (bitmap).
-    PeerOutdated(String),
-    /// This node may not acknowledge writes any more (superseded, outdated itself).
-    Lost(String),
-}
-
-impl Fence {
-    pub fn to_json(&self) -> Value {
-        let (state, reason) = match self {
-            Fence::Clear => ("clear", None),
-            Fence::Pending(r) => ("pending", Some(r)),
-            Fence::PeerOutdated(r) => ("peer-outdated", Some(r)),
-            Fence::Lost(r) => ("lost", Some(r)),
-        };
-        json!({"state": state, "reason": reason})
-    }
-}
-
 /// What a held write does next.
 pub enum Hold {
     /// A link is up again: send the write to the peer.
@@ -62,40 +39,6 @@ pub enum Hold {
     Degraded,
     /// Fail it: this node must not acknowledge it.
     Fail(String),
-}
-
-/// Lease timing shared by the node and the witness: the holder trusts its lease until
-/// `sent + lease - margin`; the witness hands the epoch on only after `expiry + margin`.
-pub fn lease_margin(lease: Duration) -> Duration {
-    (lease / 10).max(Duration::from_millis(50))
-}
-
-/// Why a secondary that lost its primary may not promote itself, or `None` if it may try.
-pub fn auto_promotion_blocked(
-    auto: bool,
-    fencing: Fencing,
-    disk: DiskState,
-    role: Role,
-    peer_was_primary: bool,
-) -> Option<String> {
-    if role == Role::Primary || !peer_was_primary {
-        return Some("the lost peer was not primary".into());
-    }
-    if !auto {
-        return Some("[failover] auto = false".into());
-    }
-    if fencing == Fencing::None {
-        return Some(
-            "fencing = \"none\": no automatic promotion (use tandem primary --force)".into(),
-        );
-    }
-    if disk != DiskState::UpToDate {
-        return Some(format!(
-            "disk is {}: only UpToDate data is promoted automatically",
-            disk.as_str()
-        ));
-    }
-    None
 }
 
 impl Node {
@@ -194,21 +137,20 @@ impl Node {
             // Marked seen before the checks, so a change after them wakes the wait below.
             fence.borrow_and_update();
             changes.borrow_and_update();
-            if self.role() != Role::Primary {
-                return Hold::Fail("no longer primary".into());
-            }
-            if let Some(link) = self.link() {
-                if !link.is_quiet() && !failed.is_some_and(|f| Arc::ptr_eq(f, &link)) {
-                    return Hold::Retry(link);
-                }
-            }
-            match &*fence.borrow() {
-                Fence::Lost(why) => return Hold::Fail(why.clone()),
-                Fence::PeerOutdated(_)
-                    if self.cfg.failover.fencing != Fencing::Witness || self.lease_valid() =>
-                {
-                    return Hold::Degraded
-                }
+            let usable = self
+                .link()
+                .filter(|l| !l.is_quiet() && !failed.is_some_and(|f| Arc::ptr_eq(f, l)));
+            let decision = hold_decision(
+                self.role(),
+                usable.is_some(),
+                &fence.borrow(),
+                self.cfg.failover.fencing,
+                self.lease_valid(),
+            );
+            match (decision, usable) {
+                (HoldDecision::Retry, Some(link)) => return Hold::Retry(link),
+                (HoldDecision::Degraded, _) => return Hold::Degraded,
+                (HoldDecision::Fail(why), _) => return Hold::Fail(why),
                 _ => {}
             }
             // Woken by a fence decision, a new link, a role change or a renewed lease (each
@@ -222,29 +164,29 @@ impl Node {
 
     /// The link to the peer went away (called by `link_lost`).
     pub(crate) fn on_link_lost(self: &Arc<Self>, peer_was_primary: bool) {
-        if self.role() == Role::Primary {
-            match self.cfg.failover.fencing {
-                Fencing::None => self.set_fence(Fence::PeerOutdated(
-                    "fencing = \"none\": going on without the peer".into(),
-                )),
-                _ => {
-                    self.set_fence(Fence::Pending(format!(
-                        "lost {}: writes held until it is fenced",
-                        self.peer_cfg.name
-                    )));
-                    let n = self.clone();
-                    tokio::spawn(async move { n.fence_peer().await });
-                }
+        let st = self.state();
+        let action = super::rules::on_link_lost(
+            st.role(),
+            self.cfg.failover.fencing,
+            self.cfg.failover.auto,
+            st.disk(),
+            peer_was_primary,
+            &self.peer_cfg.name,
+        );
+        drop(st);
+        match action {
+            OnLinkLost::GoOnAlone(fence) => self.set_fence(fence),
+            OnLinkLost::FencePeer(fence) => {
+                self.set_fence(fence);
+                let n = self.clone();
+                tokio::spawn(async move { n.fence_peer().await });
             }
-            return;
-        }
-        match self.takeover_blocked(peer_was_primary) {
-            Some(why) if peer_was_primary => self.set_note(Some(format!("not promoting: {why}"))),
-            Some(_) => {}
-            None => {
+            OnLinkLost::TakeOver => {
                 let n = self.clone();
                 tokio::spawn(async move { n.auto_promote().await });
             }
+            OnLinkLost::Note(note) => self.set_note(Some(note)),
+            OnLinkLost::Nothing => {}
         }
     }
 
@@ -268,13 +210,14 @@ impl Node {
                         epoch,
                         peer: self.peer_cfg.name.clone(),
                     };
-                    match self.witness(req).await {
+                    let reply = self.witness(req).await;
+                    match reply.as_ref().map(witness_verdict) {
                         // The lease ran out during the round trip (see `resolve_lapse`).
-                        Ok(WReply::PeerOutdated { .. }) if self.role() != Role::Primary => {
+                        Ok(WitnessVerdict::Yes) if self.role() != Role::Primary => {
                             self.record_peer_outdated();
                             return;
                         }
-                        Ok(WReply::PeerOutdated { .. }) => {
+                        Ok(WitnessVerdict::Yes) => {
                             self.renewed(sent);
                             self.record_peer_outdated();
                             if self.link().is_some() {
@@ -292,13 +235,13 @@ impl Node {
                             )));
                             return;
                         }
-                        Ok(WReply::Refused(Refusal::Superseded { epoch: e, holder })) => {
-                            self.lose_primary(superseded(e, holder.as_deref()));
+                        Ok(WitnessVerdict::Superseded(why)) => {
+                            self.lose_primary(why);
                             return;
                         }
-                        Ok(other) => {
+                        Ok(WitnessVerdict::Undecided(what)) => {
                             self.set_fence(Fence::Pending(format!(
-                                "witness answered {other:?} to outdate; writes held"
+                                "{what} to outdate; writes held"
                             )));
                         }
                         Err(e) => self.set_fence(Fence::Pending(format!(
@@ -637,36 +580,23 @@ impl Node {
             .witness(req)
             .await
             .map_err(|e| Acquire::Unreachable(e.to_string()))?;
-        match reply {
-            WReply::Granted { epoch } => {
-                self.renewed(sent);
-                if !peer_in_sync {
-                    self.record_peer_outdated();
-                }
-                self.event(
-                    "fencing",
-                    json!({"decision": "epoch granted", "epoch": epoch, "peer_outdated": !peer_in_sync}),
-                );
-                Ok(epoch)
-            }
-            WReply::Refused(r @ Refusal::Outdated { .. }) => Err(Acquire::Outdated(r.to_string())),
-            WReply::Refused(r @ Refusal::LeaseHeld { remaining_ms, .. }) => Err(Acquire::Wait(
-                r.to_string(),
-                Some(Duration::from_millis(remaining_ms).min(self.cfg.failover.lease)),
-            )),
-            WReply::Refused(r) => Err(Acquire::Wait(r.to_string(), None)),
-            other => Err(Acquire::Wait(
-                format!("unexpected witness reply {other:?}"),
-                None,
-            )),
+        let epoch = acquire_outcome(reply, lease)?;
+        self.renewed(sent);
+        if !peer_in_sync {
+            self.record_peer_outdated();
         }
+        self.event(
+            "fencing",
+            json!({"decision": "epoch granted", "epoch": epoch, "peer_outdated": !peer_in_sync}),
+        );
+        Ok(epoch)
     }
 
     /// The witness (re)granted the lease for a request sent at `sent`.
     fn renewed(&self, sent: Instant) {
         let lease = self.cfg.failover.lease;
         let lapsed = !self.lease_valid();
-        *self.lease_until.lock().unwrap() = Some(sent + lease - lease_margin(lease));
+        *self.lease_until.lock().unwrap() = Some(lease_until(sent, lease));
         *self.lease_problem.lock().unwrap() = None;
         if lapsed {
             // Writes held for a valid lease look again.
@@ -773,15 +703,15 @@ impl Node {
                     .max(Duration::from_millis(50)),
             };
             let sent = Instant::now();
-            match self.witness_within(WRequest::Renew { epoch }, limit).await {
-                Ok(WReply::Renewed { .. }) => self.renewed(sent),
-                Ok(WReply::Refused(Refusal::Superseded { epoch: e, holder })) => {
-                    self.lose_primary(superseded(e, holder.as_deref()));
+            let reply = self.witness_within(WRequest::Renew { epoch }, limit).await;
+            match reply.as_ref().map(witness_verdict) {
+                Ok(WitnessVerdict::Yes) => self.renewed(sent),
+                Ok(WitnessVerdict::Superseded(why)) => {
+                    self.lose_primary(why);
                     return;
                 }
-                Ok(other) => {
-                    *self.lease_problem.lock().unwrap() =
-                        Some(format!("unexpected witness reply {other:?}"))
+                Ok(WitnessVerdict::Undecided(what)) => {
+                    *self.lease_problem.lock().unwrap() = Some(what)
                 }
                 Err(e) => {
                     let mut p = self.lease_problem.lock().unwrap();
@@ -801,8 +731,8 @@ impl Node {
     /// UpToDate if the peer is marked outdated: the witness refuses the peer any epoch (short
     /// of an operator's force), so nobody can have written what this copy lacks.
     fn lease_ran_out(self: &Arc<Self>) -> bool {
-        if !self.lease_valid() && self.link().is_none() {
-            let stale = !self.meta().superblock().flags.peer_outdated;
+        let peer_outdated = self.meta().superblock().flags.peer_outdated;
+        if let Some(stale) = lease_lapse(self.lease_valid(), self.link().is_some(), peer_outdated) {
             self.step_down(
                 "the lease expired and the peer is not connected".into(),
                 stale,
@@ -1104,100 +1034,5 @@ impl Node {
             "fence": self.fence().to_json(),
             "note": *self.failover_note.lock().unwrap(),
         })
-    }
-}
-
-fn superseded(epoch: u64, holder: Option<&str>) -> String {
-    format!(
-        "superseded: the witness has epoch {epoch} held by {}",
-        holder.unwrap_or("nobody")
-    )
-}
-
-/// Why the witness did not grant an epoch.
-pub enum Acquire {
-    /// This node is outdated: it must never promote automatically.
-    Outdated(String),
-    /// Not yet (the old lease is still valid) or not now; try again.
-    /// `Some`: when the old lease may be taken over.
-    Wait(String, Option<Duration>),
-    Unreachable(String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_an_up_to_date_secondary_that_lost_a_primary_promotes() {
-        let ok = |auto, f, d, r, p| auto_promotion_blocked(auto, f, d, r, p).is_none();
-        assert!(ok(
-            true,
-            Fencing::Witness,
-            DiskState::UpToDate,
-            Role::Secondary,
-            true
-        ));
-        assert!(ok(
-            true,
-            Fencing::Handler,
-            DiskState::UpToDate,
-            Role::Secondary,
-            true
-        ));
-        assert!(!ok(
-            false,
-            Fencing::Witness,
-            DiskState::UpToDate,
-            Role::Secondary,
-            true
-        ));
-        assert!(!ok(
-            true,
-            Fencing::None,
-            DiskState::UpToDate,
-            Role::Secondary,
-            true
-        ));
-        assert!(!ok(
-            true,
-            Fencing::Witness,
-            DiskState::Outdated,
-            Role::Secondary,
-            true
-        ));
-        assert!(!ok(
-            true,
-            Fencing::Witness,
-            DiskState::Inconsistent,
-            Role::Secondary,
-            true
-        ));
-        assert!(!ok(
-            true,
-            Fencing::Witness,
-            DiskState::UpToDate,
-            Role::Secondary,
-            false
-        ));
-        assert!(!ok(
-            true,
-            Fencing::Witness,
-            DiskState::UpToDate,
-            Role::Primary,
-            true
-        ));
-    }
-
-    #[test]
-    fn the_margin_is_a_tenth_of_the_lease_but_at_least_50ms() {
-        assert_eq!(
-            lease_margin(Duration::from_secs(2)),
-            Duration::from_millis(200)
-        );
-        assert_eq!(
-            lease_margin(Duration::from_millis(300)),
-            Duration::from_millis(50)
-        );
     }
 }

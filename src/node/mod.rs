@@ -10,6 +10,7 @@ pub mod failover;
 mod handshake;
 pub mod replicated;
 pub mod resync;
+pub mod rules;
 pub mod runtime;
 pub mod up;
 

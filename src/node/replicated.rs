@@ -152,7 +152,7 @@ impl<H: Host> ReplicatedStore<H> {
     /// (DRBD's lazy bump: only when the bitmap generation is not already set), then mark.
     fn degraded(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut meta = self.node.meta();
-        if meta.superblock().gens.bitmap == 0 {
+        if super::rules::needs_split_generation(meta.superblock().gens.bitmap) {
             let was_primary = self.node.primary_when_peer_lost();
             meta.update(|sb| sb.gens.split_from_peer(was_primary))
                 .map_err(io::Error::other)?;

@@ -33,7 +33,7 @@ impl Unflushed {
 
     /// The peer acknowledged data in `[offset, offset+len)`.
     pub fn acked(&self, offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || crate::mutation::active(crate::mutation::Mutation::UnflushedSet) {
             return;
         }
         let mut i = self.inner();

@@ -1,0 +1,2103 @@
+//! The simulated world: two nodes, a witness, a network and a client, one event at a time.
+//!
+//! Each node is tandem's real `State`, metadata (`Meta` on a file), unflushed set and
+//! decisions (`rules`, `decide`); the handlers below call them in the order the runtime does
+//! (the file of the runtime each handler follows is named in its comment).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tandem::config::Fencing;
+use tandem::meta::{Generations, Meta, EXTENT_SIZE};
+use tandem::mutation::{self, Mutation};
+use tandem::node::core::{Conn, State};
+use tandem::node::decide::{self, Direction, EpochCheck, PeerClaim, Side, Verdict, WitnessView};
+use tandem::node::rules::{
+    self, acquire_outcome, hold_decision, witness_verdict, Acquire, Fence, HoldDecision,
+    OnLinkLost, WitnessVerdict,
+};
+use tandem::node::{DiskState, Role};
+use tandem::policy::SplitBrainPolicy;
+use tandem::repl::proto::PeerState;
+use tandem::repl::unflushed::Unflushed;
+use tandem::witness::proto::{Reply, Request};
+use tandem::witness::state::{Persisted, ResourceState};
+
+use crate::check::{Expect, Outcome, Writers};
+use crate::world::{Micros, Queue, Rng, MS, SEC};
+
+const NAMES: [&str; 2] = ["alpha", "beta"];
+const RESOURCE: &str = "sim";
+/// Tracked 4 KiB blocks, one per extent, over more extents than the activity log holds, so
+/// extents are evicted from it.
+const NBLK: usize = 80;
+const EXTENTS: u64 = 96;
+const SIZE: u64 = EXTENTS * EXTENT_SIZE;
+const AL_EXTENTS: u32 = 67;
+const BLOCK: u64 = 4096;
+const LEASE: Duration = Duration::from_secs(2);
+const PING_EVERY: Micros = 200 * MS;
+const PING_TIMEOUT: Micros = SEC;
+const WITNESS_TIMEOUT: Micros = 500 * MS;
+const CONNECT_EVERY: Micros = 300 * MS;
+const FENCE_RETRY: Micros = 250 * MS;
+const RESYNC_CHUNK: u64 = 256 * 1024;
+const RESYNC_WINDOW: usize = 8;
+/// After the faults end, the pair must be identical and in sync within this much.
+const HEAL_LIMIT: Micros = 90 * SEC;
+const TRACE_KEEP: usize = 400;
+
+fn block_offset(b: usize) -> u64 {
+    ((b as u64 * 7) % EXTENTS) * EXTENT_SIZE + (b as u64 % 5) * 3 * BLOCK
+}
+
+/// Tracked blocks inside `[off, off+len)`.
+fn blocks_in(off: u64, len: u64) -> impl Iterator<Item = usize> {
+    (0..NBLK).filter(move |&b| {
+        let o = block_offset(b);
+        o >= off && o < off + len
+    })
+}
+
+/// How a run is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Faults injected per run.
+    pub faults: u64,
+    pub mutation: Option<Mutation>,
+    /// Keep the whole trace, not only the end before a violation.
+    pub full_trace: bool,
+    /// Where the metadata files live (a tmpfs is fastest).
+    pub dir: PathBuf,
+    /// Trace every write, copy and loss of this block.
+    pub watch: Option<usize>,
+}
+
+/// A data disk: what is on stable storage and what is only in the page cache.
+#[derive(Default, Clone)]
+struct Disk {
+    durable: BTreeMap<usize, u64>,
+    cache: BTreeMap<usize, u64>,
+}
+
+impl Disk {
+    fn read(&self, b: usize) -> u64 {
+        self.cache
+            .get(&b)
+            .or_else(|| self.durable.get(&b))
+            .copied()
+            .unwrap_or(0)
+    }
+    fn write(&mut self, b: usize, v: u64) {
+        self.cache.insert(b, v);
+    }
+    fn flush(&mut self) {
+        let c = std::mem::take(&mut self.cache);
+        self.durable.extend(c);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerRes {
+    Waiting,
+    Acked,
+    Lost,
+}
+
+/// A client write in progress on the primary (`replicated.rs`, `both`).
+struct PendingWrite {
+    op: u64,
+    b: usize,
+    v: u64,
+    conn: Option<u64>,
+    peer: PeerRes,
+}
+
+struct Link {
+    conn: u64,
+    peer: PeerState,
+    last_rx: Micros,
+}
+
+/// A handshake this node has sent its state for.
+struct Hs {
+    conn: u64,
+    mine: PeerState,
+}
+
+enum Stage {
+    Pushing,
+    Flushing,
+}
+
+/// A resync this node is the source of (`resync.rs`).
+struct Resync {
+    conn: u64,
+    cursor: u64,
+    inflight: BTreeMap<u64, (u64, u64)>,
+    stage: Stage,
+}
+
+#[derive(Debug, Clone)]
+enum Purpose {
+    Outdate { sent: Instant },
+    Acquire { sent: Instant, peer_in_sync: bool },
+    Renew { epoch: u64, sent: Instant },
+    InSync { epoch: u64 },
+    Lapse { epoch: u64 },
+    Settle,
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    Hello { state: PeerState, words: Vec<u64> },
+    Write { seq: u64, b: usize, v: u64 },
+    WriteAck { seq: u64 },
+    Flush { seq: u64 },
+    FlushAck { seq: u64 },
+    Resync { seq: u64, vals: Vec<(usize, u64)> },
+    ResyncAck { seq: u64 },
+    ResyncDone { gens: Generations },
+    State(PeerState),
+    Ping,
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    Dial,
+    Ping,
+    Lease(u64),
+    Fence,
+    Promote,
+    Lapse(u64),
+    Settle,
+    InSync(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FaultKind {
+    /// Both directions between the nodes.
+    CutPair,
+    /// One direction between the nodes.
+    CutOneWay(usize, usize),
+    /// A node and the witness, both directions.
+    CutWitness(usize),
+    /// kill -9: the process dies, the page cache survives; the peer sees the close.
+    Kill(usize),
+    /// Power loss: the page cache is lost in part; nobody sees a close.
+    Crash(usize),
+    WitnessDown,
+}
+
+enum Ev {
+    Net {
+        from: usize,
+        to: usize,
+        conn: u64,
+        msg: Msg,
+    },
+    WitnessReq {
+        from: usize,
+        inc: u64,
+        id: u64,
+        req: Request,
+    },
+    WitnessRep {
+        to: usize,
+        inc: u64,
+        id: u64,
+        rep: Reply,
+    },
+    WitnessTimeout {
+        node: usize,
+        inc: u64,
+        id: u64,
+    },
+    Timer {
+        node: usize,
+        inc: u64,
+        t: Timer,
+    },
+    Client,
+    FaultStart(FaultKind, Micros),
+    FaultEnd(FaultKind),
+    Check,
+}
+
+struct Node {
+    up: bool,
+    inc: u64,
+    /// Clock rate against real time (drift).
+    rate: f64,
+    meta: Option<Meta>,
+    path: PathBuf,
+    disk: Disk,
+    st: State,
+    link: Option<Link>,
+    hs: Option<Hs>,
+    fence: Fence,
+    lease_until: Option<Instant>,
+    unflushed: Unflushed,
+    writes: BTreeMap<u64, PendingWrite>,
+    flushes: BTreeMap<u64, (u64, u64, u64)>,
+    next_seq: u64,
+    wwait: HashMap<u64, Purpose>,
+    fencing: bool,
+    promoting: bool,
+    primary_when_peer_lost: bool,
+    resync: Option<Resync>,
+    /// Held writes whose local copy failed (none yet: data-disk errors are not simulated).
+    lease_epoch: Option<u64>,
+}
+
+struct Witness {
+    up: bool,
+    state: ResourceState,
+    persisted: Persisted,
+}
+
+#[derive(Default)]
+struct Client {
+    target: usize,
+    next_op: u64,
+    next_val: u64,
+    /// op -> (block, index in its history)
+    writes: BTreeMap<u64, (usize, usize)>,
+    flushes: BTreeMap<u64, Vec<usize>>,
+    busy: Vec<bool>,
+}
+
+pub struct Sim {
+    now: Micros,
+    base: Instant,
+    rng: Rng,
+    q: Queue<Ev>,
+    nodes: [Node; 2],
+    w: Witness,
+    /// `cut[from][to]`; index 2 is the witness.
+    cut: [[u32; 3]; 3],
+    /// Per connection and direction: a message was lost, so nothing more arrives that way.
+    broken: HashMap<(u64, usize), bool>,
+    /// Last delivery time per connection and direction (links are FIFO).
+    fifo: HashMap<(u64, usize), Micros>,
+    next_conn: u64,
+    next_wid: u64,
+    client: Client,
+    expect: Expect,
+    writers: Writers,
+    out: Outcome,
+    trace: Vec<String>,
+    full_trace: bool,
+    watch: Option<usize>,
+    faults_left: u64,
+    faults_end: Option<Micros>,
+    active_faults: u32,
+    healed_at: Option<Micros>,
+    operator_at: Option<Micros>,
+    done: bool,
+}
+
+/// Run one seed.
+pub fn run(seed: u64, opts: &Options) -> Outcome {
+    mutation::set(opts.mutation);
+    tandem::meta::gen::seed_this_thread(Some(seed.wrapping_mul(0x2545_F491_4F6C_DD1D)));
+    let out = Sim::new(seed, opts).run();
+    tandem::meta::gen::seed_this_thread(None);
+    mutation::set(None);
+    out
+}
+
+fn meta_path(dir: &Path, seed: u64, i: usize) -> PathBuf {
+    let tid = format!("{:?}", std::thread::current().id());
+    let tid: String = tid.chars().filter(|c| c.is_ascii_digit()).collect();
+    dir.join(format!(
+        "sim-{}-{tid}-{seed}-{}.md",
+        std::process::id(),
+        NAMES[i]
+    ))
+}
+
+impl Node {
+    fn new(i: usize, path: PathBuf, rate: f64) -> Node {
+        Meta::create_with(&path, RESOURCE, NAMES[i], SIZE, AL_EXTENTS, true)
+            .expect("creating the simulated metadata");
+        // Both copies start identical and UpToDate, as after `create-md` and a first sync.
+        let mut meta = Meta::open(&path, RESOURCE, NAMES[i], SIZE).expect("opening metadata");
+        meta.update(|sb| {
+            sb.flags.consistent = true;
+            sb.gens = Generations {
+                current: 0x1000,
+                bitmap: 0,
+                history: [0, 0],
+            };
+        })
+        .expect("initial metadata");
+        Node {
+            up: true,
+            inc: 1,
+            rate,
+            meta: Some(meta),
+            path,
+            disk: Disk::default(),
+            st: State::new(DiskState::UpToDate),
+            link: None,
+            hs: None,
+            fence: Fence::Clear,
+            lease_until: None,
+            unflushed: Unflushed::default(),
+            writes: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            next_seq: 1,
+            wwait: HashMap::new(),
+            fencing: false,
+            promoting: false,
+            primary_when_peer_lost: false,
+            resync: None,
+            lease_epoch: None,
+        }
+    }
+
+    fn meta(&mut self) -> &mut Meta {
+        self.meta.as_mut().expect("a running node has its metadata")
+    }
+
+    fn epoch(&self) -> u64 {
+        self.meta.as_ref().map_or(0, |m| m.superblock().epoch)
+    }
+
+    fn peer_state(&self) -> PeerState {
+        let m = self.meta.as_ref().expect("running");
+        let sb = m.superblock();
+        PeerState {
+            role: self.st.role(),
+            disk: self.st.disk(),
+            gens: sb.gens,
+            crashed_primary: sb.flags.crashed_primary,
+            out_of_sync_bytes: m.out_of_sync_bytes(),
+            discard_my_data: self.st.discard_my_data,
+            epoch: sb.epoch,
+        }
+    }
+}
+
+impl Sim {
+    fn new(seed: u64, opts: &Options) -> Sim {
+        let mut rng = Rng::new(seed);
+        // Each node's clock runs up to 2% fast or slow: within the lease margin (10%).
+        let mut rate = || 1.0 + (rng.range(0, 4001) as f64 - 2000.0) / 100_000.0;
+        let (ra, rb) = (rate(), rate());
+        let nodes = [
+            Node::new(0, meta_path(&opts.dir, seed, 0), ra),
+            Node::new(1, meta_path(&opts.dir, seed, 1), rb),
+        ];
+        let base = Instant::now();
+        let mut sim = Sim {
+            now: 0,
+            base,
+            rng,
+            q: Queue::default(),
+            nodes,
+            w: Witness {
+                up: true,
+                state: ResourceState::default(),
+                persisted: ResourceState::default().persisted(),
+            },
+            cut: [[0; 3]; 3],
+            broken: HashMap::new(),
+            fifo: HashMap::new(),
+            next_conn: 1,
+            next_wid: 1,
+            client: Client {
+                busy: vec![false; NBLK],
+                ..Client::default()
+            },
+            expect: Expect::new(NBLK),
+            writers: Writers::default(),
+            out: Outcome {
+                seed,
+                ..Outcome::default()
+            },
+            trace: Vec::new(),
+            full_trace: opts.full_trace,
+            watch: opts.watch,
+            faults_left: opts.faults,
+            faults_end: None,
+            active_faults: 0,
+            healed_at: None,
+            operator_at: None,
+            done: false,
+        };
+        sim.log(format!("clocks: alpha x{ra:.4}, beta x{rb:.4}"));
+        for i in 0..2 {
+            sim.timer(i, Timer::Ping, PING_EVERY);
+        }
+        sim.timer(0, Timer::Dial, 10 * MS);
+        sim.q.at(50 * MS, Ev::Client);
+        sim.q.at(SEC, Ev::Check);
+        sim.schedule_fault();
+        // The operator makes alpha primary once the pair is up.
+        sim.operator_at = Some(500 * MS);
+        sim
+    }
+
+    fn log(&mut self, s: String) {
+        let line = format!("{:>10.3} {s}", self.now as f64 / 1e6);
+        self.trace.push(line);
+        if !self.full_trace && self.trace.len() > 2 * TRACE_KEEP {
+            self.trace.drain(..TRACE_KEEP);
+        }
+    }
+
+    fn watch(&mut self, b: usize, what: impl FnOnce() -> String) {
+        if self.watch == Some(b) {
+            let w = what();
+            self.log(format!("block {b}: {w}"));
+        }
+    }
+
+    fn violation(&mut self, s: String) {
+        if self.out.violations.len() < 20 {
+            self.log(format!("VIOLATION: {s}"));
+            self.out.violations.push(s);
+        }
+        self.done = true;
+    }
+
+    /// This node's clock now.
+    fn clock(&self, i: usize) -> Instant {
+        self.base + Duration::from_micros((self.now as f64 * self.nodes[i].rate) as u64)
+    }
+
+    /// Schedule a node timer `d` of that node's time from now.
+    fn timer(&mut self, i: usize, t: Timer, d: Micros) {
+        let real = (d as f64 / self.nodes[i].rate) as Micros;
+        let inc = self.nodes[i].inc;
+        self.q
+            .at(self.now + real.max(1), Ev::Timer { node: i, inc, t });
+    }
+
+    fn delay(&mut self) -> Micros {
+        if self.rng.chance(1, 50) {
+            self.rng.range(5 * MS, 80 * MS)
+        } else {
+            self.rng.range(50, 2 * MS)
+        }
+    }
+
+    // ---- the network ------------------------------------------------------------------
+
+    fn send(&mut self, from: usize, conn: u64, msg: Msg) {
+        let to = 1 - from;
+        if self.broken.contains_key(&(conn, from)) {
+            return;
+        }
+        if self.cut[from][to] > 0 {
+            // A stream that loses a message delivers nothing after it: TCP retransmits until
+            // one side gives up on the link.
+            self.broken.insert((conn, from), true);
+            return;
+        }
+        let d = self.delay();
+        let last = self.fifo.get(&(conn, from)).copied().unwrap_or(0);
+        let at = (self.now + d).max(last);
+        self.fifo.insert((conn, from), at);
+        self.q.at(
+            at,
+            Ev::Net {
+                from,
+                to,
+                conn,
+                msg,
+            },
+        );
+    }
+
+    fn witness_call(&mut self, i: usize, req: Request, p: Purpose, limit: Micros) {
+        let id = self.next_wid;
+        self.next_wid += 1;
+        let inc = self.nodes[i].inc;
+        self.nodes[i].wwait.insert(id, p);
+        if self.cut[i][2] == 0 {
+            let d = self.delay();
+            self.q.at(
+                self.now + d,
+                Ev::WitnessReq {
+                    from: i,
+                    inc,
+                    id,
+                    req,
+                },
+            );
+        }
+        self.q
+            .at(self.now + limit, Ev::WitnessTimeout { node: i, inc, id });
+    }
+
+    fn witness_now(&self) -> Instant {
+        self.base + Duration::from_micros(self.now)
+    }
+
+    // ---- the main loop ----------------------------------------------------------------
+
+    fn run(mut self) -> Outcome {
+        while let Some((at, ev)) = self.q.pop() {
+            self.now = at;
+            self.out.events += 1;
+            self.handle(ev);
+            for i in 0..2 {
+                self.settle_holds(i);
+            }
+            if self.done {
+                break;
+            }
+        }
+        self.out.sim_micros = self.now;
+        for n in &self.nodes {
+            let _ = std::fs::remove_file(&n.path);
+        }
+        self.out.trace = std::mem::take(&mut self.trace);
+        if !self.full_trace && !self.out.violations.is_empty() {
+            let keep = self.out.trace.len().saturating_sub(TRACE_KEEP);
+            self.out.trace.drain(..keep);
+        }
+        self.out
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Net {
+                from,
+                to,
+                conn,
+                msg,
+            } => {
+                if self.broken.contains_key(&(conn, from)) || !self.nodes[to].up {
+                    return;
+                }
+                self.on_msg(to, conn, msg);
+            }
+            Ev::WitnessReq { from, inc, id, req } => {
+                if !self.w.up {
+                    return;
+                }
+                let now = self.witness_now();
+                let (rep, changed) = self.w.state.apply(NAMES[from], req.clone(), now);
+                if changed {
+                    self.w.persisted = self.w.state.persisted();
+                }
+                self.log(format!("witness: {} {req:?} -> {rep:?}", NAMES[from]));
+                if self.cut[2][from] == 0 {
+                    let d = self.delay();
+                    self.q.at(
+                        self.now + d,
+                        Ev::WitnessRep {
+                            to: from,
+                            inc,
+                            id,
+                            rep,
+                        },
+                    );
+                }
+            }
+            Ev::WitnessRep { to, inc, id, rep } => {
+                let n = &mut self.nodes[to];
+                if !n.up || n.inc != inc {
+                    return;
+                }
+                if let Some(p) = n.wwait.remove(&id) {
+                    self.on_witness(to, p, Ok(rep));
+                }
+            }
+            Ev::WitnessTimeout { node, inc, id } => {
+                let n = &mut self.nodes[node];
+                if !n.up || n.inc != inc {
+                    return;
+                }
+                if let Some(p) = n.wwait.remove(&id) {
+                    self.on_witness(node, p, Err(()));
+                }
+            }
+            Ev::Timer { node, inc, t } => {
+                if self.nodes[node].up && self.nodes[node].inc == inc {
+                    self.on_timer(node, t);
+                }
+            }
+            Ev::Client => self.client_tick(),
+            Ev::FaultStart(f, dur) => self.fault_start(f, dur),
+            Ev::FaultEnd(f) => self.fault_end(f),
+            Ev::Check => self.periodic_check(),
+        }
+    }
+
+    // ---- faults -----------------------------------------------------------------------
+
+    fn schedule_fault(&mut self) {
+        if self.faults_left == 0 {
+            return;
+        }
+        self.faults_left -= 1;
+        let kinds = [
+            FaultKind::CutPair,
+            FaultKind::CutOneWay(0, 1),
+            FaultKind::CutOneWay(1, 0),
+            FaultKind::CutWitness(0),
+            FaultKind::CutWitness(1),
+            FaultKind::Kill(0),
+            FaultKind::Kill(1),
+            FaultKind::Crash(0),
+            FaultKind::Crash(1),
+            FaultKind::WitnessDown,
+        ];
+        let f = *self.rng.pick(&kinds);
+        let gap = self.rng.range(200 * MS, 3 * SEC);
+        let dur = if self.rng.chance(1, 3) {
+            self.rng.range(100 * MS, 1500 * MS)
+        } else {
+            self.rng.range(1500 * MS, 8 * SEC)
+        };
+        self.q.at(self.now + gap, Ev::FaultStart(f, dur));
+    }
+
+    fn fault_start(&mut self, f: FaultKind, dur: Micros) {
+        self.out.faults += 1;
+        self.active_faults += 1;
+        self.log(format!("FAULT {f:?} for {} ms", dur / MS));
+        match f {
+            FaultKind::CutPair => {
+                self.cut[0][1] += 1;
+                self.cut[1][0] += 1;
+            }
+            FaultKind::CutOneWay(a, b) => self.cut[a][b] += 1,
+            FaultKind::CutWitness(i) => {
+                self.cut[i][2] += 1;
+                self.cut[2][i] += 1;
+            }
+            FaultKind::Kill(i) => self.stop(i, false),
+            FaultKind::Crash(i) => self.stop(i, true),
+            FaultKind::WitnessDown => self.w.up = false,
+        }
+        // Faults overlap: the next may start before this one ends.
+        self.q.at(self.now + dur, Ev::FaultEnd(f));
+        self.schedule_fault();
+        if self.faults_left == 0 && self.faults_end.is_none() {
+            self.faults_end = Some(self.now + dur);
+        }
+    }
+
+    fn fault_end(&mut self, f: FaultKind) {
+        self.active_faults -= 1;
+        self.log(format!("heal {f:?}"));
+        match f {
+            FaultKind::CutPair => {
+                self.cut[0][1] -= 1;
+                self.cut[1][0] -= 1;
+            }
+            FaultKind::CutOneWay(a, b) => self.cut[a][b] -= 1,
+            FaultKind::CutWitness(i) => {
+                self.cut[i][2] -= 1;
+                self.cut[2][i] -= 1;
+            }
+            FaultKind::Kill(i) | FaultKind::Crash(i) => self.restart(i),
+            FaultKind::WitnessDown => {
+                // Its state is what it persisted; leases restart at its restart.
+                let now = self.witness_now();
+                self.w.state = ResourceState::restore(self.w.persisted.clone(), now);
+                self.w.up = true;
+            }
+        }
+        if self.faults_left == 0 && self.active_faults == 0 && self.healed_at.is_none() {
+            self.healed_at = Some(self.now);
+            self.log("all faults healed".into());
+            self.operator_at = Some(self.now + 3 * SEC);
+        }
+    }
+
+    /// The node's process stops. `power`: the machine lost power, and with it part of the
+    /// page cache; otherwise (kill -9) the cache survives and the peer sees the close.
+    fn stop(&mut self, i: usize, power: bool) {
+        if !self.nodes[i].up {
+            return;
+        }
+        self.out.crashes += 1;
+        if power {
+            // Every copy of an acknowledged, unflushed write that this crash loses, with no
+            // other copy holding it: those writes are legitimately gone.
+            let lost: Vec<(usize, u64)> = self.nodes[i]
+                .disk
+                .cache
+                .iter()
+                .map(|(&b, &v)| (b, v))
+                .collect();
+            for (b, v) in lost {
+                let keep = self.rng.chance(1, 2);
+                self.watch(b, || {
+                    format!(
+                        "{} cache {v} {}",
+                        NAMES[i],
+                        if keep { "kept" } else { "lost" }
+                    )
+                });
+                if keep {
+                    self.nodes[i].disk.durable.insert(b, v);
+                } else {
+                    // The peer's copy holds it only if it is not a resync target's copy
+                    // in the making (that is overwritten from the source).
+                    let o = &self.nodes[1 - i];
+                    let held = self.expect.blocks[b].current(o.disk.read(b))
+                        && o.st.disk() != DiskState::Inconsistent;
+                    if !held && self.expect.blocks[b].current(v) {
+                        self.expect.blocks[b].widened = true;
+                    }
+                }
+            }
+            self.nodes[i].disk.cache.clear();
+        } else {
+            // The peer sees the connection close.
+            if let Some(l) = &self.nodes[i].link {
+                let conn = l.conn;
+                self.send(i, conn, Msg::Close);
+            }
+        }
+        let n = &mut self.nodes[i];
+        n.up = false;
+        // A crash: the metadata file is dropped without a clean close.
+        n.meta = None;
+        n.link = None;
+        n.hs = None;
+        n.writes.clear();
+        n.flushes.clear();
+        n.wwait.clear();
+        n.resync = None;
+        self.log(format!(
+            "{} {}",
+            NAMES[i],
+            if power { "lost power" } else { "killed" }
+        ));
+        // The client's requests to it fail.
+        self.client_node_gone(i);
+    }
+
+    fn restart(&mut self, i: usize) {
+        if self.nodes[i].up {
+            return;
+        }
+        let path = self.nodes[i].path.clone();
+        let meta = match Meta::open(&path, RESOURCE, NAMES[i], SIZE) {
+            Ok(m) => m,
+            Err(e) => {
+                self.violation(format!(
+                    "{} cannot open its metadata after a crash: {e}",
+                    NAMES[i]
+                ));
+                return;
+            }
+        };
+        let sb = meta.superblock().clone();
+        // `runtime.rs`: the disk state as the flags say.
+        let disk = if sb.flags.consistent && sb.flags.outdated {
+            DiskState::Outdated
+        } else if sb.flags.consistent {
+            DiskState::UpToDate
+        } else {
+            DiskState::Inconsistent
+        };
+        let rec = meta.recovery().clone();
+        let n = &mut self.nodes[i];
+        n.inc += 1;
+        n.up = true;
+        n.meta = Some(meta);
+        n.st = State::new(disk);
+        n.fence = Fence::Clear;
+        n.lease_until = None;
+        n.unflushed = Unflushed::default();
+        n.next_seq = 1;
+        n.fencing = false;
+        n.promoting = false;
+        n.primary_when_peer_lost = false;
+        n.lease_epoch = None;
+        self.log(format!(
+            "{} restarted: {} epoch {}, replayed {} extent(s), crashed primary {}",
+            NAMES[i],
+            disk.as_str(),
+            sb.epoch,
+            rec.replayed_extents.len(),
+            rec.crashed_primary
+        ));
+        self.timer(i, Timer::Ping, PING_EVERY);
+        if i == 0 {
+            self.timer(0, Timer::Dial, CONNECT_EVERY);
+        }
+    }
+
+    // ---- timers -----------------------------------------------------------------------
+
+    fn on_timer(&mut self, i: usize, t: Timer) {
+        match t {
+            Timer::Dial => {
+                self.timer(i, Timer::Dial, CONNECT_EVERY);
+                let n = &self.nodes[i];
+                if n.st.want_connect && n.link.is_none() && n.hs.is_none() && !n.promoting {
+                    let conn = self.next_conn;
+                    self.next_conn += 1;
+                    let mine = self.nodes[i].peer_state();
+                    let words = self.nodes[i].meta().bitmap_words().to_vec();
+                    self.nodes[i].hs = Some(Hs {
+                        conn,
+                        mine: mine.clone(),
+                    });
+                    // An unanswered dial is given up at the next one.
+                    self.timer(i, Timer::Dial, CONNECT_EVERY);
+                    self.send(i, conn, Msg::Hello { state: mine, words });
+                }
+            }
+            Timer::Ping => {
+                self.timer(i, Timer::Ping, PING_EVERY);
+                if let Some(conn) = self.nodes[i].hs.as_ref().map(|h| h.conn) {
+                    // A handshake that got no answer is abandoned.
+                    if self.nodes[i].link.is_none() {
+                        self.nodes[i].hs = None;
+                        self.send(i, conn, Msg::Close);
+                    }
+                }
+                if let Some(l) = &self.nodes[i].link {
+                    let (conn, last) = (l.conn, l.last_rx);
+                    if self.now.saturating_sub(last) > PING_TIMEOUT {
+                        self.lose_link(i, "ping timeout");
+                    } else {
+                        self.send(i, conn, Msg::Ping);
+                    }
+                }
+            }
+            Timer::Lease(epoch) => self.keep_lease(i, epoch),
+            Timer::Fence => self.fence_step(i),
+            Timer::Promote => self.auto_promote(i),
+            Timer::Lapse(epoch) => self.resolve_lapse(i, epoch),
+            Timer::Settle => self.settle_identical_pair(i),
+            Timer::InSync(epoch) => self.clear_at_witness(i, epoch),
+        }
+    }
+
+    // ---- the peer link (`handshake.rs`, `dispatch.rs`) --------------------------------
+
+    fn on_msg(&mut self, i: usize, conn: u64, msg: Msg) {
+        let on_link = self.nodes[i].link.as_ref().is_some_and(|l| l.conn == conn);
+        if on_link {
+            let now = self.now;
+            if let Some(l) = self.nodes[i].link.as_mut() {
+                l.last_rx = now;
+            }
+        }
+        match msg {
+            Msg::Hello { state, words } => self.on_hello(i, conn, state, words),
+            Msg::Close => {
+                if on_link {
+                    self.lose_link(i, "the peer closed the connection");
+                } else if self.nodes[i].hs.as_ref().is_some_and(|h| h.conn == conn) {
+                    self.nodes[i].hs = None;
+                }
+            }
+            _ if !on_link => {}
+            Msg::Write { seq, b, v } => {
+                self.watch(b, || format!("{} writes {v} from the peer", NAMES[i]));
+                self.nodes[i].disk.write(b, v);
+                self.send(i, conn, Msg::WriteAck { seq });
+            }
+            Msg::WriteAck { seq } => {
+                if let Some(w) = self.nodes[i].writes.get_mut(&seq) {
+                    if w.conn == Some(conn) && w.peer == PeerRes::Waiting {
+                        w.peer = PeerRes::Acked;
+                        // Kept until the peer flushes.
+                        self.nodes[i].unflushed.acked(block_offset(w.b), BLOCK);
+                        self.complete_write(i, seq, false);
+                    }
+                }
+            }
+            Msg::Flush { seq } => {
+                self.nodes[i].disk.flush();
+                self.send(i, conn, Msg::FlushAck { seq });
+            }
+            Msg::FlushAck { seq } => {
+                if let Some(&(op, token, c)) = self.nodes[i].flushes.get(&seq) {
+                    if c == conn {
+                        self.nodes[i].flushes.remove(&seq);
+                        self.nodes[i].unflushed.flushed(token);
+                        if op == u64::MAX {
+                            self.resync_flushed(i);
+                        } else {
+                            self.client_flush_done(op);
+                        }
+                    }
+                }
+            }
+            Msg::Resync { seq, vals } => {
+                for (b, v) in vals {
+                    self.watch(b, || format!("{} writes {v} by resync", NAMES[i]));
+                    self.nodes[i].disk.write(b, v);
+                }
+                self.send(i, conn, Msg::ResyncAck { seq });
+            }
+            Msg::ResyncAck { seq } => self.resync_acked(i, seq),
+            Msg::ResyncDone { gens } => self.resync_finished_as_target(i, gens),
+            Msg::State(ps) => self.on_peer_state(i, ps),
+            Msg::Ping => {}
+        }
+    }
+
+    fn on_hello(&mut self, i: usize, conn: u64, peer: PeerState, peer_words: Vec<u64>) {
+        let mine = match &self.nodes[i].hs {
+            Some(h) if h.conn == conn => h.mine.clone(),
+            Some(_) => {
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+            None => {
+                // The acceptor: refuses while linked or StandAlone, else answers with its state.
+                let n = &self.nodes[i];
+                if !n.st.want_connect || n.link.is_some() {
+                    self.send(i, conn, Msg::Close);
+                    return;
+                }
+                let mine = self.nodes[i].peer_state();
+                let words = self.nodes[i].meta().bitmap_words().to_vec();
+                self.send(
+                    i,
+                    conn,
+                    Msg::Hello {
+                        state: mine.clone(),
+                        words,
+                    },
+                );
+                mine
+            }
+        };
+        self.nodes[i].hs = None;
+        self.establish(i, conn, mine, peer, peer_words);
+    }
+
+    /// `handshake.rs`, `establish`, from the exchanged states on.
+    fn establish(
+        &mut self,
+        i: usize,
+        conn: u64,
+        mine: PeerState,
+        peer: PeerState,
+        words: Vec<u64>,
+    ) {
+        let me = NAMES[i];
+        let peer_name = NAMES[1 - i];
+        match decide::handshake_epochs(mine.role, mine.epoch, peer.role, peer.epoch) {
+            EpochCheck::Proceed => {}
+            EpochCheck::Superseded(why) => {
+                self.lose_primary(i, format!("superseded by {peer_name}: {why}"));
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+            EpochCheck::PeerStale(_) => {
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+        }
+        self.adopt_epoch(i, peer.epoch);
+        let me_side = Side::of(me, &mine);
+        let peer_side = Side::of(peer_name, &peer);
+        let verdict = decide::handshake(&me_side, &peer_side, &SplitBrainPolicy::default());
+        let explain = verdict.explain();
+        self.log(format!("{me}: handshake: {explain}"));
+        let (c, full) = match &verdict {
+            Verdict::NoSync { .. } => {
+                if mine.out_of_sync_bytes + peer.out_of_sync_bytes > 0 {
+                    match decide::leftover_direction(&me_side, &peer_side) {
+                        Ok(Direction::Source) => (Conn::SyncSource, false),
+                        Ok(Direction::Target) => (Conn::SyncTarget, false),
+                        Err(_) => {
+                            self.send(i, conn, Msg::Close);
+                            return;
+                        }
+                    }
+                } else {
+                    // Same data as an UpToDate peer: not outdated after all.
+                    if self.nodes[i].st.disk() == DiskState::Outdated
+                        && peer.disk == DiskState::UpToDate
+                        && self.nodes[i]
+                            .meta()
+                            .update(|sb| sb.flags.outdated = false)
+                            .is_ok()
+                    {
+                        self.nodes[i].st.proven_current();
+                    }
+                    (Conn::Connected, false)
+                }
+            }
+            Verdict::Sync {
+                direction, full, ..
+            } => (
+                if *direction == Direction::Source {
+                    Conn::SyncSource
+                } else {
+                    Conn::SyncTarget
+                },
+                *full,
+            ),
+            Verdict::SplitBrain { .. } => {
+                self.nodes[i].st.split_brain_found(explain.clone());
+                // No operator forces a promotion in the simulation: both sides can only have
+                // written on their own if the fencing failed.
+                self.violation(format!("split brain: {explain}"));
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+            Verdict::Refuse { reason, .. } => {
+                let r = reason.clone();
+                self.nodes[i].st.handshake_refused(explain.clone());
+                self.log(format!("{me}: refused: {r}"));
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+        };
+        {
+            let m = self.nodes[i].meta();
+            if full {
+                m.set_all_out_of_sync();
+            } else if m.merge_bitmap(&words).is_err() {
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+            if m.flush_bitmap().is_err() {
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+        }
+        if c == Conn::SyncTarget
+            && self.nodes[i]
+                .meta()
+                .update(|sb| sb.flags.consistent = false)
+                .is_err()
+        {
+            self.send(i, conn, Msg::Close);
+            return;
+        }
+        // `set_link`: refused while linked or while a promotion is under way.
+        if self.nodes[i].link.is_some() || self.nodes[i].promoting {
+            self.send(i, conn, Msg::Close);
+            return;
+        }
+        let peer_up = peer.disk == DiskState::UpToDate;
+        self.nodes[i].link = Some(Link {
+            conn,
+            peer,
+            last_rx: self.now,
+        });
+        // A change while the states were in flight makes the decision stale.
+        let now = self.nodes[i].peer_state();
+        if now.gens != mine.gens || now.role != mine.role || now.disk != mine.disk {
+            self.lose_link(i, "this node changed during the handshake");
+            return;
+        }
+        if self.nodes[i].st.conn() != Conn::Connecting {
+            self.lose_link(i, "disconnected during the handshake");
+            return;
+        }
+        self.set_fence(i, Fence::Clear);
+        let oos = self.nodes[i].meta().out_of_sync_bytes();
+        self.nodes[i].st.handshake_done(c, oos);
+        self.log(format!("{me}: connected as {}", c.as_str()));
+        if c == Conn::Connected && peer_up {
+            self.peer_in_sync(i);
+        }
+        self.retake_lost_role(i);
+        self.settle_identical_pair(i);
+        if c == Conn::SyncSource {
+            self.start_resync(i, conn);
+        } else {
+            self.resync_while_connected(i);
+        }
+    }
+
+    /// `runtime.rs`, `link_lost`.
+    fn lose_link(&mut self, i: usize, why: &str) {
+        let Some(link) = self.nodes[i].link.take() else {
+            return;
+        };
+        self.send(i, link.conn, Msg::Close);
+        self.log(format!("{}: link lost: {why}", NAMES[i]));
+        let was_primary = self.nodes[i].st.link_lost();
+        self.nodes[i].primary_when_peer_lost = was_primary;
+        self.nodes[i].resync = None;
+        let unflushed = self.nodes[i].unflushed.take();
+        if !unflushed.is_empty() {
+            let m = self.nodes[i].meta();
+            for &(o, l) in &unflushed {
+                m.mark_out_of_sync(o, l);
+            }
+            let _ = m.flush_bitmap();
+        }
+        // Writes waiting for this link's answer are held; flushes go on without the peer.
+        for w in self.nodes[i].writes.values_mut() {
+            if w.conn == Some(link.conn) && w.peer == PeerRes::Waiting {
+                w.peer = PeerRes::Lost;
+            }
+        }
+        let flushes: Vec<u64> = self.nodes[i].flushes.keys().copied().collect();
+        for seq in flushes {
+            let (op, _, _) = self.nodes[i].flushes.remove(&seq).expect("listed");
+            if op != u64::MAX {
+                self.client_flush_done(op);
+            }
+        }
+        let peer_was_primary = link.peer.role == Role::Primary;
+        let st = &self.nodes[i].st;
+        match rules::on_link_lost(
+            st.role(),
+            Fencing::Witness,
+            true,
+            st.disk(),
+            peer_was_primary,
+            NAMES[1 - i],
+        ) {
+            OnLinkLost::GoOnAlone(f) => self.set_fence(i, f),
+            OnLinkLost::FencePeer(f) => {
+                self.set_fence(i, f);
+                if !self.nodes[i].fencing {
+                    self.nodes[i].fencing = true;
+                    self.fence_step(i);
+                }
+            }
+            OnLinkLost::TakeOver => self.auto_promote(i),
+            OnLinkLost::Note(n) => self.log(format!("{}: {n}", NAMES[i])),
+            OnLinkLost::Nothing => {}
+        }
+    }
+
+    fn on_peer_state(&mut self, i: usize, ps: PeerState) {
+        let my_epoch = self.nodes[i].epoch();
+        match decide::peer_claim(self.nodes[i].st.role(), my_epoch, ps.role, ps.epoch) {
+            PeerClaim::Fine => {}
+            PeerClaim::Superseded(why) => {
+                self.lose_primary(i, why);
+                return;
+            }
+            PeerClaim::TwoPrimaries(why) => {
+                self.lose_link(i, &why);
+                return;
+            }
+        }
+        let lift = ps.disk == DiskState::UpToDate
+            && self.nodes[i].st.role() == Role::Primary
+            && self.nodes[i].meta().superblock().flags.peer_outdated;
+        self.adopt_epoch(i, ps.epoch);
+        if let Some(l) = self.nodes[i].link.as_mut() {
+            l.peer = ps;
+        }
+        if lift {
+            self.peer_in_sync(i);
+        }
+        self.settle_identical_pair(i);
+    }
+
+    fn announce(&mut self, i: usize) {
+        if let Some(conn) = self.nodes[i].link.as_ref().map(|l| l.conn) {
+            let ps = self.nodes[i].peer_state();
+            self.send(i, conn, Msg::State(ps));
+        }
+    }
+
+    fn adopt_epoch(&mut self, i: usize, epoch: u64) {
+        if epoch > self.nodes[i].epoch() {
+            let _ = self.nodes[i].meta().update(|sb| sb.epoch = epoch);
+        }
+    }
+
+    // ---- resync (`resync.rs`) ---------------------------------------------------------
+
+    fn resync_while_connected(&mut self, i: usize) {
+        let Some(conn) = self.nodes[i].link.as_ref().map(|l| l.conn) else {
+            return;
+        };
+        let total = self.nodes[i].meta().out_of_sync_bytes();
+        if self.nodes[i].st.claim_online_resync(total) {
+            self.start_resync(i, conn);
+        }
+    }
+
+    fn start_resync(&mut self, i: usize, conn: u64) {
+        self.nodes[i].resync = Some(Resync {
+            conn,
+            cursor: 0,
+            inflight: BTreeMap::new(),
+            stage: Stage::Pushing,
+        });
+        self.resync_step(i);
+    }
+
+    fn resync_step(&mut self, i: usize) {
+        loop {
+            let Some(rs) = self.nodes[i].resync.as_ref() else {
+                return;
+            };
+            if !matches!(rs.stage, Stage::Pushing) || rs.inflight.len() >= RESYNC_WINDOW {
+                return;
+            }
+            let (conn, cursor) = (rs.conn, rs.cursor);
+            let next = self.nodes[i].meta().next_out_of_sync(cursor);
+            let Some((off, len)) = next else {
+                if !self.nodes[i]
+                    .resync
+                    .as_ref()
+                    .expect("on")
+                    .inflight
+                    .is_empty()
+                {
+                    return;
+                }
+                if self.nodes[i].meta().out_of_sync_bytes() > 0 {
+                    // Bits set behind the cursor meanwhile: go again.
+                    self.nodes[i].resync.as_mut().expect("on").cursor = 0;
+                    continue;
+                }
+                // The target must not call itself UpToDate with the data in its cache.
+                let token = self.nodes[i].unflushed.flush_sent();
+                let seq = self.seq(i);
+                self.nodes[i].flushes.insert(seq, (u64::MAX, token, conn));
+                self.nodes[i].resync.as_mut().expect("on").stage = Stage::Flushing;
+                self.send(i, conn, Msg::Flush { seq });
+                return;
+            };
+            let len = len.min(RESYNC_CHUNK - off % RESYNC_CHUNK);
+            let vals: Vec<(usize, u64)> = blocks_in(off, len)
+                .map(|b| (b, self.nodes[i].disk.read(b)))
+                .collect();
+            let seq = self.seq(i);
+            let rs = self.nodes[i].resync.as_mut().expect("on");
+            rs.cursor = off + len;
+            rs.inflight.insert(seq, (off, len));
+            self.send(i, conn, Msg::Resync { seq, vals });
+        }
+    }
+
+    fn resync_acked(&mut self, i: usize, seq: u64) {
+        let Some(rs) = self.nodes[i].resync.as_mut() else {
+            return;
+        };
+        let Some((off, len)) = rs.inflight.remove(&seq) else {
+            return;
+        };
+        self.nodes[i].unflushed.resynced(off, len);
+        self.nodes[i].meta().mark_in_sync(off, len);
+        self.resync_step(i);
+    }
+
+    fn resync_flushed(&mut self, i: usize) {
+        let Some(conn) = self.nodes[i].resync.as_ref().map(|r| r.conn) else {
+            return;
+        };
+        if self.nodes[i].meta().out_of_sync_bytes() > 0 {
+            // Marked during the flush: push those too.
+            let rs = self.nodes[i].resync.as_mut().expect("on");
+            rs.stage = Stage::Pushing;
+            rs.cursor = 0;
+            self.resync_step(i);
+            return;
+        }
+        let m = self.nodes[i].meta();
+        let r = m.flush_bitmap().and_then(|_| {
+            m.update(|sb| {
+                sb.gens.clear_bitmap();
+                sb.flags.crashed_primary = false;
+            })
+        });
+        if r.is_err() {
+            return;
+        }
+        let gens = m.superblock().gens;
+        self.nodes[i].resync = None;
+        self.send(i, conn, Msg::ResyncDone { gens });
+        self.nodes[i].st.resync_done_as_source();
+        self.log(format!("{}: resync finished as source", NAMES[i]));
+        self.announce(i);
+    }
+
+    fn resync_finished_as_target(&mut self, i: usize, gens: Generations) {
+        let source = match &self.nodes[i].link {
+            Some(l) => l.peer.disk,
+            None => return,
+        };
+        let disk = tandem::node::core::synced_copy(source);
+        let m = self.nodes[i].meta();
+        m.mark_in_sync(0, SIZE);
+        let r = m.flush_bitmap().and_then(|_| {
+            m.update(|sb| {
+                sb.gens.adopt(&gens);
+                sb.flags.consistent = true;
+                sb.flags.outdated = disk == DiskState::Outdated;
+                sb.flags.crashed_primary = false;
+            })
+        });
+        if r.is_err() {
+            self.lose_link(i, "recording the finished resync failed");
+            return;
+        }
+        self.nodes[i].st.resync_done_as_target(source);
+        self.log(format!(
+            "{}: resync finished as target: {}",
+            NAMES[i],
+            disk.as_str()
+        ));
+        self.announce(i);
+        self.retake_lost_role(i);
+        self.settle_identical_pair(i);
+    }
+
+    fn seq(&mut self, i: usize) -> u64 {
+        let s = self.nodes[i].next_seq;
+        self.nodes[i].next_seq += 1;
+        s
+    }
+
+    // ---- failover (`failover.rs`) -----------------------------------------------------
+
+    fn set_fence(&mut self, i: usize, f: Fence) {
+        if self.nodes[i].fence != f {
+            self.log(format!("{}: fence {:?}", NAMES[i], f));
+            self.nodes[i].fence = f;
+        }
+    }
+
+    fn lease_valid(&self, i: usize) -> bool {
+        let now = self.clock(i);
+        self.nodes[i].lease_until.is_some_and(|t| now < t)
+    }
+
+    fn renewed(&mut self, i: usize, sent: Instant) {
+        self.nodes[i].lease_until = Some(rules::lease_until(sent, LEASE));
+    }
+
+    fn record_peer_outdated(&mut self, i: usize) {
+        let _ = self.nodes[i]
+            .meta()
+            .update(|sb| sb.flags.peer_outdated = true);
+    }
+
+    fn peer_connected_in_sync(&self, i: usize) -> bool {
+        self.nodes[i]
+            .link
+            .as_ref()
+            .is_some_and(|l| l.peer.disk == DiskState::UpToDate)
+            && self.nodes[i].st.conn() == Conn::Connected
+    }
+
+    fn fence_step(&mut self, i: usize) {
+        if self.nodes[i].link.is_some() {
+            self.set_fence(i, Fence::Clear);
+            self.nodes[i].fencing = false;
+            return;
+        }
+        if self.nodes[i].st.role() != Role::Primary {
+            self.nodes[i].fencing = false;
+            return;
+        }
+        let epoch = self.nodes[i].epoch();
+        let sent = self.clock(i);
+        let req = Request::Outdate {
+            epoch,
+            peer: NAMES[1 - i].into(),
+        };
+        self.witness_call(i, req, Purpose::Outdate { sent }, WITNESS_TIMEOUT);
+    }
+
+    fn on_witness(&mut self, i: usize, p: Purpose, rep: Result<Reply, ()>) {
+        match p {
+            Purpose::Outdate { sent } => match rep.as_ref().map(witness_verdict) {
+                Ok(WitnessVerdict::Yes) if self.nodes[i].st.role() != Role::Primary => {
+                    self.record_peer_outdated(i);
+                    self.nodes[i].fencing = false;
+                }
+                Ok(WitnessVerdict::Yes) => {
+                    self.renewed(i, sent);
+                    self.record_peer_outdated(i);
+                    self.nodes[i].fencing = false;
+                    if self.nodes[i].link.is_some() {
+                        if self.peer_connected_in_sync(i) {
+                            self.peer_in_sync(i);
+                        }
+                    } else {
+                        self.set_fence(i, Fence::PeerOutdated("witness outdated the peer".into()));
+                    }
+                }
+                Ok(WitnessVerdict::Superseded(why)) => {
+                    self.nodes[i].fencing = false;
+                    self.lose_primary(i, why);
+                }
+                Ok(WitnessVerdict::Undecided(what)) => {
+                    self.set_fence(i, Fence::Pending(what));
+                    self.timer(i, Timer::Fence, FENCE_RETRY);
+                }
+                Err(()) => {
+                    self.set_fence(i, Fence::Pending("cannot reach the witness".into()));
+                    self.timer(i, Timer::Fence, FENCE_RETRY);
+                }
+            },
+            Purpose::Acquire { sent, peer_in_sync } => {
+                self.nodes[i].promoting = false;
+                let outcome = match rep {
+                    Ok(r) => acquire_outcome(r, LEASE),
+                    Err(()) => Err(Acquire::Unreachable("timeout".into())),
+                };
+                match outcome {
+                    Ok(epoch) => {
+                        self.renewed(i, sent);
+                        if !peer_in_sync {
+                            self.record_peer_outdated(i);
+                        }
+                        self.become_primary(i, epoch);
+                    }
+                    Err(Acquire::Outdated(why)) => {
+                        if self.nodes[i].link.is_none() {
+                            self.outdate_myself(i);
+                        }
+                        self.log(format!("{}: not promoting: {why}", NAMES[i]));
+                    }
+                    Err(Acquire::Wait(_, Some(d))) => {
+                        self.timer(i, Timer::Promote, d.as_micros() as Micros + 2 * MS)
+                    }
+                    Err(Acquire::Wait(_, None) | Acquire::Unreachable(_)) => {
+                        self.timer(i, Timer::Promote, FENCE_RETRY)
+                    }
+                }
+            }
+            Purpose::Renew { epoch, sent } => {
+                match rep.as_ref().map(witness_verdict) {
+                    Ok(WitnessVerdict::Yes) => self.renewed(i, sent),
+                    Ok(WitnessVerdict::Superseded(why)) => {
+                        self.lose_primary(i, why);
+                        return;
+                    }
+                    _ => {}
+                }
+                if self.lease_ran_out(i) {
+                    return;
+                }
+                self.schedule_lease(i, epoch);
+            }
+            Purpose::InSync { epoch } => match rep {
+                Ok(Reply::Ok) => {
+                    if self.nodes[i].st.role() == Role::Primary
+                        && self.nodes[i].meta().superblock().flags.peer_outdated
+                    {
+                        let _ = self.nodes[i]
+                            .meta()
+                            .update(|sb| sb.flags.peer_outdated = false);
+                    }
+                }
+                Ok(_) => {}
+                Err(()) => self.timer(i, Timer::InSync(epoch), FENCE_RETRY),
+            },
+            Purpose::Lapse { epoch } => match rep {
+                Ok(Reply::State {
+                    epoch: we, holder, ..
+                }) => {
+                    if we == epoch
+                        && holder.as_deref() == Some(NAMES[i])
+                        && self.lapse_still(i, epoch)
+                    {
+                        self.outdated_no_more(i);
+                    }
+                }
+                Ok(_) => {}
+                Err(()) => self.timer(i, Timer::Lapse(epoch), FENCE_RETRY),
+            },
+            Purpose::Settle => match rep {
+                Ok(Reply::State {
+                    epoch,
+                    holder,
+                    outdated,
+                    ..
+                }) => {
+                    let Some(peer) = self.identical_pair(i) else {
+                        return;
+                    };
+                    let me = Side::of(NAMES[i], &self.nodes[i].peer_state());
+                    let w = WitnessView {
+                        epoch,
+                        holder,
+                        outdated,
+                    };
+                    if decide::reclaim_identical_copy(&me, &peer, &w).is_some()
+                        && self.outdated_no_more(i)
+                    {
+                        self.nodes[i].st.lost_primary_role = true;
+                        self.lose_link(i, "reconnecting: this copy is UpToDate again");
+                    }
+                }
+                Ok(_) => {}
+                Err(()) => self.timer(i, Timer::Settle, FENCE_RETRY),
+            },
+        }
+    }
+
+    fn auto_promote(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        if n.st.role() == Role::Primary || n.promoting {
+            return;
+        }
+        // `begin_promotion`: nothing to take over while linked to a primary.
+        if n.link
+            .as_ref()
+            .is_some_and(|l| l.peer.role == Role::Primary)
+        {
+            return;
+        }
+        if n.st.disk() != DiskState::UpToDate {
+            return;
+        }
+        self.nodes[i].promoting = true;
+        let peer_in_sync = self.peer_connected_in_sync(i);
+        self.acquire(i, peer_in_sync);
+    }
+
+    fn acquire(&mut self, i: usize, peer_in_sync: bool) {
+        let sent = self.clock(i);
+        let req = Request::Acquire {
+            have_epoch: self.nodes[i].epoch(),
+            lease_ms: LEASE.as_millis() as u64,
+            outdate_peer: (!peer_in_sync).then(|| NAMES[1 - i].to_string()),
+            force: false,
+        };
+        self.witness_call(
+            i,
+            req,
+            Purpose::Acquire { sent, peer_in_sync },
+            WITNESS_TIMEOUT,
+        );
+    }
+
+    fn become_primary(&mut self, i: usize, epoch: u64) {
+        let r = self.nodes[i].meta().update(|sb| {
+            sb.epoch = sb.epoch.max(epoch);
+            sb.flags.was_primary = true;
+            sb.flags.outdated = false;
+            sb.gens.set_primary(true);
+        });
+        if r.is_err() {
+            return;
+        }
+        let fence = if self.nodes[i].link.is_some() {
+            Fence::Clear
+        } else {
+            Fence::PeerOutdated("promoted without the peer".into())
+        };
+        self.nodes[i].st.promoted();
+        self.set_fence(i, fence);
+        self.out.promotions += 1;
+        self.log(format!(
+            "{}: promoted to primary in epoch {epoch}",
+            NAMES[i]
+        ));
+        self.nodes[i].lease_epoch = Some(epoch);
+        self.schedule_lease(i, epoch);
+        self.announce(i);
+        if self.peer_connected_in_sync(i) {
+            self.peer_in_sync(i);
+        }
+    }
+
+    fn schedule_lease(&mut self, i: usize, epoch: u64) {
+        let next = self.clock(i) + LEASE / 3;
+        let until = self.nodes[i].lease_until.unwrap_or(next);
+        let at = next.min(until);
+        let d = at.saturating_duration_since(self.clock(i)).as_micros() as Micros;
+        self.timer(i, Timer::Lease(epoch), d);
+    }
+
+    fn keep_lease(&mut self, i: usize, epoch: u64) {
+        if self.nodes[i].st.role() != Role::Primary || self.nodes[i].epoch() != epoch {
+            return;
+        }
+        if self.lease_ran_out(i) {
+            return;
+        }
+        let limit = if self.nodes[i].link.is_some() {
+            WITNESS_TIMEOUT
+        } else {
+            let left = self.nodes[i].lease_until.map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(self.clock(i))
+            });
+            (left.as_micros() as Micros).max(50 * MS)
+        };
+        let sent = self.clock(i);
+        self.witness_call(
+            i,
+            Request::Renew { epoch },
+            Purpose::Renew { epoch, sent },
+            limit,
+        );
+    }
+
+    fn lease_ran_out(&mut self, i: usize) -> bool {
+        let peer_outdated = self.nodes[i].meta().superblock().flags.peer_outdated;
+        let linked = self.nodes[i].link.is_some();
+        let Some(stale) = rules::lease_lapse(self.lease_valid(i), linked, peer_outdated) else {
+            return false;
+        };
+        self.step_down(
+            i,
+            "the lease expired and the peer is not connected".into(),
+            stale,
+        );
+        if stale {
+            let epoch = self.nodes[i].epoch();
+            self.nodes[i].st.lapsed_in = Some(epoch);
+            self.resolve_lapse(i, epoch);
+        }
+        true
+    }
+
+    fn lapse_still(&self, i: usize, epoch: u64) -> bool {
+        let n = &self.nodes[i];
+        n.st.lapsed_in == Some(epoch) && n.st.disk() == DiskState::Outdated && n.epoch() == epoch
+    }
+
+    fn resolve_lapse(&mut self, i: usize, epoch: u64) {
+        if self.lapse_still(i, epoch) {
+            self.witness_call(i, Request::Query, Purpose::Lapse { epoch }, WITNESS_TIMEOUT);
+        }
+    }
+
+    fn lose_primary(&mut self, i: usize, why: String) {
+        self.step_down(i, why, true);
+    }
+
+    fn step_down(&mut self, i: usize, why: String, stale: bool) {
+        self.nodes[i].lease_until = None;
+        self.set_fence(i, Fence::Lost(why.clone()));
+        if !self.nodes[i].st.stepped_down() {
+            return;
+        }
+        let _ = self.nodes[i].meta().update(|sb| {
+            sb.flags.was_primary = false;
+            sb.gens.set_primary(false);
+        });
+        if stale {
+            self.outdate_myself(i);
+        }
+        self.log(format!("{}: stepped down: {why}", NAMES[i]));
+        if self.nodes[i].link.is_some() {
+            self.lose_link(i, &why);
+        }
+    }
+
+    fn outdate_myself(&mut self, i: usize) {
+        let _ = self.nodes[i].meta().update(|sb| sb.flags.outdated = true);
+        self.nodes[i].st.outdated();
+    }
+
+    fn outdated_no_more(&mut self, i: usize) -> bool {
+        self.nodes[i].st.lapsed_in = None;
+        if self.nodes[i].st.disk() != DiskState::Outdated {
+            return false;
+        }
+        if self.nodes[i]
+            .meta()
+            .update(|sb| sb.flags.outdated = false)
+            .is_err()
+        {
+            return false;
+        }
+        self.nodes[i].st.proven_current();
+        self.log(format!("{}: UpToDate again", NAMES[i]));
+        true
+    }
+
+    fn peer_in_sync(&mut self, i: usize) {
+        self.set_fence(i, Fence::Clear);
+        let epoch = self.nodes[i].epoch();
+        self.clear_at_witness(i, epoch);
+    }
+
+    fn clear_at_witness(&mut self, i: usize, epoch: u64) {
+        let n = &self.nodes[i];
+        if n.st.role() != Role::Primary || n.link.is_none() || n.epoch() != epoch {
+            return;
+        }
+        let req = Request::InSync {
+            epoch,
+            peer: NAMES[1 - i].into(),
+        };
+        self.witness_call(i, req, Purpose::InSync { epoch }, WITNESS_TIMEOUT);
+    }
+
+    fn retake_lost_role(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        let peer_secondary = n
+            .link
+            .as_ref()
+            .is_some_and(|l| l.peer.role == Role::Secondary);
+        if peer_secondary
+            && rules::auto_promotion_blocked(true, Fencing::Witness, n.st.disk(), n.st.role(), true)
+                .is_none()
+            && n.st.lost_primary_role
+        {
+            self.log(format!(
+                "{}: taking back the role nobody took over",
+                NAMES[i]
+            ));
+            self.auto_promote(i);
+        }
+    }
+
+    fn identical_pair(&self, i: usize) -> Option<Side> {
+        let n = &self.nodes[i];
+        let l = n.link.as_ref()?;
+        let peer = Side::of(NAMES[1 - i], &l.peer);
+        let me = Side::of(NAMES[i], &n.peer_state());
+        (n.st.conn() == Conn::Connected
+            && decide::nobody_promotable(&me, &peer).is_some()
+            && me.out_of_sync_bytes == 0
+            && peer.out_of_sync_bytes == 0)
+            .then_some(peer)
+    }
+
+    fn settle_identical_pair(&mut self, i: usize) {
+        if self.identical_pair(i).is_some() {
+            self.witness_call(i, Request::Query, Purpose::Settle, WITNESS_TIMEOUT);
+        }
+    }
+
+    // ---- the write path (`replicated.rs`) ---------------------------------------------
+
+    /// The link a write may go to: up, and not the one `failed` was lost on.
+    fn usable_link(&self, i: usize, failed: Option<u64>) -> Option<u64> {
+        self.nodes[i]
+            .link
+            .as_ref()
+            .map(|l| l.conn)
+            .filter(|&c| Some(c) != failed)
+    }
+
+    fn write(&mut self, i: usize, op: u64, b: usize) -> Result<(), ()> {
+        if !self.nodes[i].up || self.nodes[i].st.role() != Role::Primary {
+            return Err(());
+        }
+        let off = block_offset(b);
+        if self.nodes[i].meta().activate_pinned(off, BLOCK).is_err() {
+            return Err(());
+        }
+        let v = self.client.next_val;
+        let seq = self.seq(i);
+        self.watch(b, || format!("{} writes {v} for the client", NAMES[i]));
+        self.nodes[i].disk.write(b, v);
+        let conn = self.usable_link(i, None);
+        self.nodes[i].writes.insert(
+            seq,
+            PendingWrite {
+                op,
+                b,
+                v,
+                conn,
+                peer: if conn.is_some() {
+                    PeerRes::Waiting
+                } else {
+                    PeerRes::Lost
+                },
+            },
+        );
+        if let Some(c) = conn {
+            self.send(i, c, Msg::Write { seq, b, v });
+        }
+        Ok(())
+    }
+
+    /// Held writes look again (`hold_for_fencing`, woken by every change).
+    fn settle_holds(&mut self, i: usize) {
+        if !self.nodes[i].up {
+            return;
+        }
+        let held: Vec<u64> = self.nodes[i]
+            .writes
+            .iter()
+            .filter(|(_, w)| w.peer == PeerRes::Lost)
+            .map(|(&s, _)| s)
+            .collect();
+        for seq in held {
+            let failed = self.nodes[i].writes[&seq].conn;
+            let usable = self.usable_link(i, failed);
+            let d = hold_decision(
+                self.nodes[i].st.role(),
+                usable.is_some(),
+                &self.nodes[i].fence,
+                Fencing::Witness,
+                self.lease_valid(i),
+            );
+            match d {
+                HoldDecision::Retry => {
+                    let c = usable.expect("retry has a link");
+                    let w = self.nodes[i].writes.get_mut(&seq).expect("held");
+                    w.conn = Some(c);
+                    w.peer = PeerRes::Waiting;
+                    let (b, v) = (w.b, w.v);
+                    self.send(i, c, Msg::Write { seq, b, v });
+                }
+                HoldDecision::Degraded => {
+                    if self.degraded(i, seq).is_ok() {
+                        self.complete_write(i, seq, true);
+                    } else {
+                        self.fail_write(i, seq);
+                    }
+                }
+                HoldDecision::Fail(_) => self.fail_write(i, seq),
+                HoldDecision::Wait => {}
+            }
+        }
+    }
+
+    /// The peer does not have the write: a new generation on disk first, then the bit.
+    fn degraded(&mut self, i: usize, seq: u64) -> Result<(), ()> {
+        let b = self.nodes[i].writes[&seq].b;
+        let was_primary = self.nodes[i].primary_when_peer_lost;
+        let m = self.nodes[i].meta();
+        if rules::needs_split_generation(m.superblock().gens.bitmap) {
+            m.update(|sb| sb.gens.split_from_peer(was_primary))
+                .map_err(|_| ())?;
+        }
+        m.mark_out_of_sync(block_offset(b), BLOCK);
+        Ok(())
+    }
+
+    fn complete_write(&mut self, i: usize, seq: u64, alone: bool) {
+        let w = self.nodes[i].writes.remove(&seq).expect("pending");
+        self.watch(w.b, || {
+            format!("{} acknowledges {} (alone {alone})", NAMES[i], w.v)
+        });
+        self.nodes[i].meta().release(block_offset(w.b), BLOCK);
+        let epoch = self.nodes[i].epoch();
+        if let Some(v) = self.writers.acked(i, NAMES[i], epoch, alone, self.now) {
+            self.violation(v);
+        }
+        self.client_write_done(w.op, true);
+    }
+
+    fn fail_write(&mut self, i: usize, seq: u64) {
+        let w = self.nodes[i].writes.remove(&seq).expect("pending");
+        self.watch(w.b, || format!("{} fails {}", NAMES[i], w.v));
+        let off = block_offset(w.b);
+        let m = self.nodes[i].meta();
+        m.mark_out_of_sync(off, BLOCK);
+        m.release(off, BLOCK);
+        self.client_write_done(w.op, false);
+        self.resync_while_connected(i);
+    }
+
+    fn flush(&mut self, i: usize, op: u64) -> Result<(), ()> {
+        if !self.nodes[i].up || self.nodes[i].st.role() != Role::Primary {
+            return Err(());
+        }
+        self.nodes[i].disk.flush();
+        match self.usable_link(i, None) {
+            Some(c) => {
+                let token = self.nodes[i].unflushed.flush_sent();
+                let seq = self.seq(i);
+                self.nodes[i].flushes.insert(seq, (op, token, c));
+                self.send(i, c, Msg::Flush { seq });
+            }
+            None => self.client_flush_done(op),
+        }
+        Ok(())
+    }
+
+    // ---- the client -------------------------------------------------------------------
+
+    fn client_tick(&mut self) {
+        let gap = self.rng.range(2 * MS, 30 * MS);
+        self.q.at(self.now + gap, Ev::Client);
+        if let Some(at) = self.operator_at {
+            if self.now >= at {
+                self.operator();
+            }
+        }
+        let t = self.client.target;
+        let inflight = self.client.writes.len() + self.client.flushes.len();
+        if inflight >= 4 {
+            return;
+        }
+        let roll = self.rng.range(0, 100);
+        if roll < 8 {
+            // A flush covers every write acknowledged before it was sent.
+            let op = self.next_op();
+            let snap = self.expect.flush_snapshot();
+            self.client.flushes.insert(op, snap);
+            if self.flush(t, op).is_err() {
+                self.client.flushes.remove(&op);
+                self.client_failover();
+            }
+        } else if roll < 20 {
+            // A read from the primary must see every acknowledged write.
+            let b = self.rng.range(0, NBLK as u64) as usize;
+            let n = &self.nodes[t];
+            if n.up && n.st.role() == Role::Primary && !self.client.busy[b] {
+                let v = n.disk.read(b);
+                self.out.reads_checked += 1;
+                if let Some(v) = self.expect.check_read(b, v, NAMES[t], "client read") {
+                    self.violation(v);
+                }
+            }
+        } else {
+            let b = self.rng.range(0, NBLK as u64) as usize;
+            if self.client.busy[b] {
+                return;
+            }
+            if !self.nodes[t].up || self.nodes[t].st.role() != Role::Primary {
+                self.client_failover();
+                return;
+            }
+            let op = self.next_op();
+            self.client.next_val += 1;
+            let v = self.client.next_val;
+            let idx = self.expect.issue(b, v);
+            self.client.writes.insert(op, (b, idx));
+            self.client.busy[b] = true;
+            if self.write(t, op, b).is_err() {
+                self.client_write_done(op, false);
+                self.client_failover();
+            }
+        }
+    }
+
+    fn next_op(&mut self) -> u64 {
+        self.client.next_op += 1;
+        self.client.next_op
+    }
+
+    /// Like `attach`: find the node that is primary now.
+    fn client_failover(&mut self) {
+        for i in 0..2 {
+            if self.nodes[i].up && self.nodes[i].st.role() == Role::Primary {
+                self.client.target = i;
+            }
+        }
+    }
+
+    fn client_write_done(&mut self, op: u64, ok: bool) {
+        let Some((b, idx)) = self.client.writes.remove(&op) else {
+            return;
+        };
+        self.client.busy[b] = false;
+        if ok {
+            self.out.acked_writes += 1;
+            self.expect.acked(b, idx);
+        } else {
+            self.out.failed_writes += 1;
+        }
+    }
+
+    fn client_flush_done(&mut self, op: u64) {
+        if let Some(snap) = self.client.flushes.remove(&op) {
+            if let Some(b) = self.watch {
+                let v = self.expect.blocks[b].issued[snap[b]];
+                self.watch(b, || format!("flush acknowledged, covering {v}"));
+            }
+            self.out.acked_flushes += 1;
+            self.expect.flushed(&snap);
+        }
+    }
+
+    fn client_node_gone(&mut self, i: usize) {
+        if self.client.target != i {
+            return;
+        }
+        // Its connection drops: what was in flight failed.
+        let ops: Vec<u64> = self.client.writes.keys().copied().collect();
+        for op in ops {
+            self.client_write_done(op, false);
+        }
+        self.client.flushes.clear();
+        self.client_failover();
+    }
+
+    /// The operator: makes a node primary when nobody is (at the start, and after the
+    /// faults, as the nemesis does for the known gaps: a restarted node does not promote
+    /// itself).
+    fn operator(&mut self) {
+        let primary = (0..2).any(|i| self.nodes[i].up && self.nodes[i].st.role() == Role::Primary);
+        if primary {
+            self.operator_at = None;
+            return;
+        }
+        self.operator_at = Some(self.now + 2 * SEC);
+        for (i, name) in NAMES.iter().enumerate() {
+            let n = &self.nodes[i];
+            if n.up && n.st.disk() == DiskState::UpToDate && !n.promoting {
+                self.log(format!("operator: tandem primary on {name}"));
+                // `promote` -> `fence_for_promotion`: the witness's next epoch.
+                self.nodes[i].promoting = true;
+                let peer_in_sync = self.peer_connected_in_sync(i);
+                self.acquire(i, peer_in_sync);
+                return;
+            }
+        }
+    }
+
+    // ---- checks -----------------------------------------------------------------------
+
+    fn periodic_check(&mut self) {
+        self.q.at(self.now + SEC, Ev::Check);
+        for (i, name) in NAMES.iter().enumerate() {
+            if self.nodes[i].st.illegal_transitions() > 0 {
+                self.violation(format!("{name} took an illegal state transition"));
+            }
+        }
+        let Some(healed) = self.healed_at else {
+            return;
+        };
+        if self.converged() {
+            self.out.converged_after = Some(self.now - healed);
+            self.log("converged: identical copies, in sync".into());
+            // Every acknowledged write is on the copies.
+            for b in 0..NBLK {
+                if self.client.busy[b] {
+                    continue;
+                }
+                let v = self.nodes[0].disk.read(b);
+                self.out.reads_checked += 1;
+                if let Some(v) = self.expect.check_read(b, v, "both", "after healing") {
+                    self.violation(v);
+                    break;
+                }
+            }
+            self.done = true;
+        } else if self.now - healed > HEAL_LIMIT {
+            let s = |i: usize| {
+                let n = &self.nodes[i];
+                format!(
+                    "{} {}/{}/{} oos {}",
+                    NAMES[i],
+                    if n.st.role() == Role::Primary {
+                        "Primary"
+                    } else {
+                        "Secondary"
+                    },
+                    n.st.disk().as_str(),
+                    n.st.conn().as_str(),
+                    n.meta.as_ref().map_or(0, |m| m.out_of_sync_bytes())
+                )
+            };
+            let what = format!("{}; {}", s(0), s(1));
+            self.violation(format!(
+                "not converged {} s after the faults healed: {what}",
+                HEAL_LIMIT / SEC
+            ));
+        }
+    }
+
+    fn converged(&self) -> bool {
+        let ok = |n: &Node| {
+            n.up && n.st.conn() == Conn::Connected
+                && n.meta.as_ref().is_some_and(|m| m.out_of_sync_bytes() == 0)
+                && n.writes.is_empty()
+        };
+        ok(&self.nodes[0])
+            && ok(&self.nodes[1])
+            && (0..NBLK).all(|b| self.nodes[0].disk.read(b) == self.nodes[1].disk.read(b))
+            && (0..2).any(|i| self.nodes[i].st.role() == Role::Primary)
+    }
+}

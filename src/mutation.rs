@@ -1,0 +1,75 @@
+//! Safety mechanisms the simulator can switch off, one at a time, to show that its checks
+//! catch their loss (issue 12, step 5). Only a build with the `mutations` feature has the
+//! switch; without it `active` is a constant `false` and every hook compiles away. Even with
+//! it, a mutation is active only on the thread that set it (the simulator's run), never in a
+//! node.
+
+/// One mechanism to remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// A primary acknowledges writes without its peer even when its lease ran out, and never
+    /// steps down for a lapsed lease.
+    LeaseCheck,
+    /// A primary that loses its peer goes on alone at once, without fencing it.
+    LinkLossFencing,
+    /// Writes the peer acknowledged but did not flush are forgotten when the link is lost.
+    UnflushedSet,
+    /// The first write acknowledged without the peer does not start a new data generation.
+    NewGeneration,
+    /// Writes do not enter the activity log, so a crash replays nothing.
+    ActivityLog,
+}
+
+impl Mutation {
+    pub const ALL: [Mutation; 5] = [
+        Mutation::LeaseCheck,
+        Mutation::LinkLossFencing,
+        Mutation::UnflushedSet,
+        Mutation::NewGeneration,
+        Mutation::ActivityLog,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::LeaseCheck => "lease-check",
+            Mutation::LinkLossFencing => "link-loss-fencing",
+            Mutation::UnflushedSet => "unflushed-set",
+            Mutation::NewGeneration => "new-generation",
+            Mutation::ActivityLog => "activity-log",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mutation> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+#[cfg(feature = "mutations")]
+thread_local! {
+    static ACTIVE: std::cell::Cell<Option<Mutation>> = const { std::cell::Cell::new(None) };
+}
+
+/// Switch `m` on (or everything off) for this thread. Without the `mutations` feature this
+/// panics: a mutation that silently does nothing would make its row of the table a lie.
+pub fn set(m: Option<Mutation>) {
+    #[cfg(feature = "mutations")]
+    ACTIVE.with(|a| a.set(m));
+    #[cfg(not(feature = "mutations"))]
+    if m.is_some() {
+        panic!("this build has no mutations (build with the `mutations` feature)");
+    }
+}
+
+/// Whether `m` is switched off on this thread.
+#[inline]
+pub fn active(m: Mutation) -> bool {
+    #[cfg(feature = "mutations")]
+    {
+        ACTIVE.with(|a| a.get() == Some(m))
+    }
+    #[cfg(not(feature = "mutations"))]
+    {
+        let _ = m;
+        false
+    }
+}
