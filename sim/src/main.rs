@@ -38,6 +38,9 @@ struct Args {
     /// With --seed: trace every write, copy and loss of this block.
     #[arg(long)]
     watch: Option<usize>,
+    /// No power losses (a node's page cache lost in part); kills only.
+    #[arg(long)]
+    no_power_loss: bool,
     /// Directory for the metadata files (default: /dev/shm if present, else the temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -65,6 +68,7 @@ fn main() {
         full_trace: args.seed.is_some(),
         dir,
         watch: args.watch,
+        power_loss: !args.no_power_loss,
     };
     if let Some(seed) = args.seed {
         let o = run(seed, &opts);

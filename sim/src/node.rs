@@ -72,6 +72,8 @@ pub struct Options {
     pub dir: PathBuf,
     /// Trace every write, copy and loss of this block.
     pub watch: Option<usize>,
+    /// Simulate power losses (a node's page cache lost in part).
+    pub power_loss: bool,
 }
 
 /// A data disk: what is on stable storage and what is only in the page cache.
@@ -244,6 +246,7 @@ struct Node {
     flushes: BTreeMap<u64, (u64, u64, u64)>,
     next_seq: u64,
     wwait: HashMap<u64, Purpose>,
+    wqueue: std::collections::VecDeque<(Request, Purpose, Micros)>,
     fencing: bool,
     promoting: bool,
     primary_when_peer_lost: bool,
@@ -291,11 +294,13 @@ pub struct Sim {
     trace: Vec<String>,
     full_trace: bool,
     watch: Option<usize>,
+    power_loss: bool,
     faults_left: u64,
     faults_end: Option<Micros>,
     active_faults: u32,
     healed_at: Option<Micros>,
     operator_at: Option<Micros>,
+    operator_turn: usize,
     done: bool,
 }
 
@@ -351,6 +356,7 @@ impl Node {
             flushes: BTreeMap::new(),
             next_seq: 1,
             wwait: HashMap::new(),
+            wqueue: Default::default(),
             fencing: false,
             promoting: false,
             primary_when_peer_lost: false,
@@ -422,11 +428,13 @@ impl Sim {
             trace: Vec::new(),
             full_trace: opts.full_trace,
             watch: opts.watch,
+            power_loss: opts.power_loss,
             faults_left: opts.faults,
             faults_end: None,
             active_faults: 0,
             healed_at: None,
             operator_at: None,
+            operator_turn: 1,
             done: false,
         };
         sim.log(format!("clocks: alpha x{ra:.4}, beta x{rb:.4}"));
@@ -514,7 +522,19 @@ impl Sim {
         );
     }
 
+    /// A request to the witness. Like the node's witness client, one at a time on one
+    /// connection: a request waits for the one before it to be answered or to time out.
     fn witness_call(&mut self, i: usize, req: Request, p: Purpose, limit: Micros) {
+        self.nodes[i].wqueue.push_back((req, p, limit));
+        if self.nodes[i].wwait.is_empty() {
+            self.witness_next(i);
+        }
+    }
+
+    fn witness_next(&mut self, i: usize) {
+        let Some((req, p, limit)) = self.nodes[i].wqueue.pop_front() else {
+            return;
+        };
         let id = self.next_wid;
         self.next_wid += 1;
         let inc = self.nodes[i].inc;
@@ -608,6 +628,7 @@ impl Sim {
                 }
                 if let Some(p) = n.wwait.remove(&id) {
                     self.on_witness(to, p, Ok(rep));
+                    self.witness_next(to);
                 }
             }
             Ev::WitnessTimeout { node, inc, id } => {
@@ -617,6 +638,7 @@ impl Sim {
                 }
                 if let Some(p) = n.wwait.remove(&id) {
                     self.on_witness(node, p, Err(()));
+                    self.witness_next(node);
                 }
             }
             Ev::Timer { node, inc, t } => {
@@ -650,7 +672,10 @@ impl Sim {
             FaultKind::Crash(1),
             FaultKind::WitnessDown,
         ];
-        let f = *self.rng.pick(&kinds);
+        let mut f = *self.rng.pick(&kinds);
+        if let (FaultKind::Crash(i), false) = (f, self.power_loss) {
+            f = FaultKind::Kill(i);
+        }
         let gap = self.rng.range(200 * MS, 3 * SEC);
         let dur = if self.rng.chance(1, 3) {
             self.rng.range(100 * MS, 1500 * MS)
@@ -769,6 +794,7 @@ impl Sim {
         n.writes.clear();
         n.flushes.clear();
         n.wwait.clear();
+        n.wqueue.clear();
         n.resync = None;
         self.log(format!(
             "{} {}",
@@ -784,6 +810,8 @@ impl Sim {
             return;
         }
         let path = self.nodes[i].path.clone();
+        // `up.rs`: the data disk is flushed before the metadata is opened.
+        self.nodes[i].disk.flush();
         let meta = match Meta::open(&path, RESOURCE, NAMES[i], SIZE) {
             Ok(m) => m,
             Err(e) => {
@@ -818,12 +846,13 @@ impl Sim {
         n.primary_when_peer_lost = false;
         n.lease_epoch = None;
         self.log(format!(
-            "{} restarted: {} epoch {}, replayed {} extent(s), crashed primary {}",
+            "{} restarted: {} epoch {}, replayed {} extent(s), crashed primary {} ({:?})",
             NAMES[i],
             disk.as_str(),
             sb.epoch,
             rec.replayed_extents.len(),
-            rec.crashed_primary
+            rec.crashed_primary,
+            sb.flags
         ));
         self.timer(i, Timer::Ping, PING_EVERY);
         if i == 0 {
@@ -1069,15 +1098,6 @@ impl Sim {
                 return;
             }
         }
-        if c == Conn::SyncTarget
-            && self.nodes[i]
-                .meta()
-                .update(|sb| sb.flags.consistent = false)
-                .is_err()
-        {
-            self.send(i, conn, Msg::Close);
-            return;
-        }
         // `set_link`: refused while linked or while a promotion is under way.
         if self.nodes[i].link.is_some() || self.nodes[i].promoting {
             self.send(i, conn, Msg::Close);
@@ -1097,6 +1117,15 @@ impl Sim {
         }
         if self.nodes[i].st.conn() != Conn::Connecting {
             self.lose_link(i, "disconnected during the handshake");
+            return;
+        }
+        if c == Conn::SyncTarget
+            && self.nodes[i]
+                .meta()
+                .update(|sb| sb.flags.consistent = false)
+                .is_err()
+        {
+            self.lose_link(i, "recording the resync failed");
             return;
         }
         self.set_fence(i, Fence::Clear);
@@ -2024,10 +2053,13 @@ impl Sim {
             return;
         }
         self.operator_at = Some(self.now + 2 * SEC);
-        for (i, name) in NAMES.iter().enumerate() {
+        // Each attempt starts with the other node: a refusal on one is no reason to stop.
+        self.operator_turn += 1;
+        for k in 0..2 {
+            let i = (self.operator_turn + k) % 2;
             let n = &self.nodes[i];
             if n.up && n.st.disk() == DiskState::UpToDate && !n.promoting {
-                self.log(format!("operator: tandem primary on {name}"));
+                self.log(format!("operator: tandem primary on {}", NAMES[i]));
                 // `promote` -> `fence_for_promotion`: the witness's next epoch.
                 self.nodes[i].promoting = true;
                 let peer_in_sync = self.peer_connected_in_sync(i);

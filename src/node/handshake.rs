@@ -262,10 +262,6 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
         meta.flush_bitmap()
             .map_err(|e| HandshakeError::Protocol(e.to_string()))?;
     }
-    if conn == Conn::SyncTarget {
-        node.persist(|sb| sb.flags.consistent = false)
-            .map_err(|e| HandshakeError::Protocol(e.message))?;
-    }
 
     let peer_up_to_date = peer.disk == DiskState::UpToDate;
     let link = Link::start(w, node.peer_cfg.name.clone(), peer);
@@ -293,6 +289,20 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
         return Err(HandshakeError::Protocol(
             "disconnected by the operator during the handshake".into(),
         ));
+    }
+    // Only a sync target that really has the link records that its copy is Inconsistent
+    // (before it reads a single resync block): recorded earlier, a handshake abandoned after
+    // it left an UpToDate node whose metadata says Inconsistent once it restarts (found by
+    // the simulator, seed 1020).
+    if conn == Conn::SyncTarget {
+        if let Err(e) = node.persist(|sb| sb.flags.consistent = false) {
+            node.drop_link(
+                "peer could not record the resync",
+                "recording the resync failed",
+            )
+            .await;
+            return Err(HandshakeError::Protocol(e.message));
+        }
     }
     // Writes held by fencing go to this link now.
     node.set_fence(crate::node::failover::Fence::Clear);

@@ -37,6 +37,14 @@ pub async fn up(
     let backing =
         store::open_backing(&me.disk, &BackingOptions::default()).map_err(|e| e.to_string())?;
     let size = backing.size;
+    // Before the metadata is opened (which empties the activity log after a crash): a killed
+    // node's acknowledged writes may still be dirty in the page cache, and the activity log
+    // is what marks them for resync. Made durable now, a later power loss cannot take them
+    // back behind the log's back (found by the simulator).
+    backing
+        .file
+        .sync_data()
+        .map_err(|e| format!("{}: flushing the data disk: {e}", me.disk.display()))?;
     let mut meta = Meta::open(&me.meta, &cfg.resource.name, &me.name, size)
         .map_err(|e| Failure::error(e.to_string()))?;
     let recovery = meta.recovery();
