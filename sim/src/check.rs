@@ -71,6 +71,29 @@ impl Expect {
         self.blocks.iter().map(|h| h.acked).collect()
     }
 
+    /// An operator's split-brain resolution discarded one side's writes since `snap` (the
+    /// acknowledged writes when the forced promotion split the copies): any of them, or
+    /// what was there before, may be what the block holds now.
+    pub fn discarded_since(&mut self, snap: &[usize]) {
+        for (h, &i) in self.blocks.iter_mut().zip(snap) {
+            h.widened = true;
+            h.floor = h.floor.min(i);
+        }
+    }
+
+    /// An operator forced a copy that holds `v` in block `b` to be the reference: what it
+    /// lacks is given up (`primary --force` says so).
+    pub fn forced(&mut self, b: usize, v: u64) {
+        let h = &mut self.blocks[b];
+        if h.current(v) {
+            return;
+        }
+        if let Some(i) = h.issued.iter().rposition(|&x| x == v) {
+            h.widened = true;
+            h.floor = h.floor.min(i);
+        }
+    }
+
     pub fn flushed(&mut self, snap: &[usize]) {
         for (h, &i) in self.blocks.iter_mut().zip(snap) {
             // A flush does not bring back what a crash already lost.
@@ -103,9 +126,16 @@ pub struct Writers {
     newest: [Option<(u64, Micros)>; 2],
     /// Per node: epochs it acknowledged a write in without its peer.
     alone: [Vec<u64>; 2],
+    /// Per node: the epochs it was promoted to, and when.
+    promoted: [Vec<(u64, Micros)>; 2],
 }
 
 impl Writers {
+    /// Node `i` became primary in `epoch` at `t`.
+    pub fn promoted(&mut self, i: usize, epoch: u64, t: Micros) {
+        self.promoted[i].push((epoch, t));
+    }
+
     /// Node `i` acknowledged a write in `epoch` at `t` (`alone`: without its peer).
     pub fn acked(
         &mut self,
@@ -124,6 +154,17 @@ impl Writers {
                      acknowledged one in epoch {e}"
                 ));
             }
+        }
+        // The witness granted the peer a newer epoch only after this node's lease ran out:
+        // it must have stopped acknowledging by then.
+        if let Some(&(e, _)) = self.promoted[other]
+            .iter()
+            .find(|&&(e, at)| e > epoch && at <= t)
+        {
+            bad = Some(format!(
+                "two writers: {name} acknowledged a write in epoch {epoch} after its peer was \
+                 promoted in epoch {e}"
+            ));
         }
         if alone && self.alone[other].contains(&epoch) {
             bad = Some(format!(
@@ -154,6 +195,9 @@ pub struct Outcome {
     pub failed_writes: u64,
     pub reads_checked: u64,
     pub promotions: u64,
+    /// Forced promotions (the operator's `primary --force`) and the split brains they caused.
+    pub forced: u64,
+    pub split_brains: u64,
     pub crashes: u64,
     pub sim_micros: Micros,
     /// Simulated time from the end of the faults until the copies were identical and in sync.

@@ -41,6 +41,9 @@ struct Args {
     /// No power losses (a node's page cache lost in part); kills only.
     #[arg(long)]
     no_power_loss: bool,
+    /// Power losses only on a node that is secondary at the time (a primary's is a kill).
+    #[arg(long)]
+    secondary_power_loss_only: bool,
     /// Directory for the metadata files (default: /dev/shm if present, else the temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -69,6 +72,7 @@ fn main() {
         dir,
         watch: args.watch,
         power_loss: !args.no_power_loss,
+        secondary_power_loss_only: args.secondary_power_loss_only,
     };
     if let Some(seed) = args.seed {
         let o = run(seed, &opts);
@@ -139,8 +143,8 @@ fn main() {
         t.sim_micros as f64 / 1e6
     );
     println!(
-        "acknowledged writes: {}, failed writes: {}, acknowledged flushes: {}, reads checked: {}, promotions: {}, crashes: {}",
-        t.acked_writes, t.failed_writes, t.acked_flushes, t.reads, t.promotions, t.crashes
+        "acknowledged writes: {}, failed writes: {}, acknowledged flushes: {}, reads checked: {}, promotions: {} ({} forced, {} split brains detected after them), crashes: {}",
+        t.acked_writes, t.failed_writes, t.acked_flushes, t.reads, t.promotions, t.forced, t.split_brains, t.crashes
     );
     if t.converged > 0 {
         println!(
@@ -164,6 +168,8 @@ struct Totals {
     acked_flushes: u64,
     reads: u64,
     promotions: u64,
+    forced: u64,
+    split_brains: u64,
     crashes: u64,
     converged: u64,
     converge_sum: f64,
@@ -181,6 +187,8 @@ impl Totals {
         self.acked_flushes += o.acked_flushes;
         self.reads += o.reads_checked;
         self.promotions += o.promotions;
+        self.forced += o.forced;
+        self.split_brains += o.split_brains;
         self.crashes += o.crashes;
         if let Some(c) = o.converged_after {
             let s = c as f64 / 1e6;

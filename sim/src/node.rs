@@ -74,6 +74,8 @@ pub struct Options {
     pub watch: Option<usize>,
     /// Simulate power losses (a node's page cache lost in part).
     pub power_loss: bool,
+    /// Only a node that is secondary when the fault starts loses power.
+    pub secondary_power_loss_only: bool,
 }
 
 /// A data disk: what is on stable storage and what is only in the page cache.
@@ -143,11 +145,24 @@ struct Resync {
 
 #[derive(Debug, Clone)]
 enum Purpose {
-    Outdate { sent: Instant },
-    Acquire { sent: Instant, peer_in_sync: bool },
-    Renew { epoch: u64, sent: Instant },
-    InSync { epoch: u64 },
-    Lapse { epoch: u64 },
+    Outdate {
+        sent: Instant,
+    },
+    Acquire {
+        sent: Instant,
+        peer_in_sync: bool,
+        force: bool,
+    },
+    Renew {
+        epoch: u64,
+        sent: Instant,
+    },
+    InSync {
+        epoch: u64,
+    },
+    Lapse {
+        epoch: u64,
+    },
     Settle,
 }
 
@@ -176,6 +191,8 @@ enum Timer {
     Lapse(u64),
     Settle,
     InSync(u64),
+    /// The operator asks again for a forced promotion the witness refused for now.
+    Force(u32),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -191,6 +208,9 @@ enum FaultKind {
     /// Power loss: the page cache is lost in part; nobody sees a close.
     Crash(usize),
     WitnessDown,
+    /// The operator runs `primary --force` on a node that cannot see its primary (what the
+    /// runbook says for a primary that is gone for good).
+    Force,
 }
 
 enum Ev {
@@ -225,6 +245,8 @@ enum Ev {
     Client,
     FaultStart(FaultKind, Micros),
     FaultEnd(FaultKind),
+    /// The operator resolves a split brain: `connect --discard-my-data` on one side.
+    Resolve,
     Check,
 }
 
@@ -250,6 +272,7 @@ struct Node {
     fencing: bool,
     promoting: bool,
     primary_when_peer_lost: bool,
+    force_tries: u32,
     resync: Option<Resync>,
     /// Held writes whose local copy failed (none yet: data-disk errors are not simulated).
     lease_epoch: Option<u64>,
@@ -295,12 +318,17 @@ pub struct Sim {
     full_trace: bool,
     watch: Option<usize>,
     power_loss: bool,
+    secondary_power_loss_only: bool,
     faults_left: u64,
     faults_end: Option<Micros>,
     active_faults: u32,
     healed_at: Option<Micros>,
     operator_at: Option<Micros>,
     operator_turn: usize,
+    /// Forced promotions so far: only after one may the copies split.
+    forced: u64,
+    /// What the client had acknowledged when the copies were last in sync.
+    sync_snap: Vec<usize>,
     done: bool,
 }
 
@@ -360,6 +388,7 @@ impl Node {
             fencing: false,
             promoting: false,
             primary_when_peer_lost: false,
+            force_tries: 0,
             resync: None,
             lease_epoch: None,
         }
@@ -429,12 +458,15 @@ impl Sim {
             full_trace: opts.full_trace,
             watch: opts.watch,
             power_loss: opts.power_loss,
+            secondary_power_loss_only: opts.secondary_power_loss_only,
             faults_left: opts.faults,
             faults_end: None,
             active_faults: 0,
             healed_at: None,
             operator_at: None,
             operator_turn: 1,
+            forced: 0,
+            sync_snap: vec![0; NBLK],
             done: false,
         };
         sim.log(format!("clocks: alpha x{ra:.4}, beta x{rb:.4}"));
@@ -649,6 +681,7 @@ impl Sim {
             Ev::Client => self.client_tick(),
             Ev::FaultStart(f, dur) => self.fault_start(f, dur),
             Ev::FaultEnd(f) => self.fault_end(f),
+            Ev::Resolve => self.resolve_split_brain(),
             Ev::Check => self.periodic_check(),
         }
     }
@@ -671,6 +704,7 @@ impl Sim {
             FaultKind::Crash(0),
             FaultKind::Crash(1),
             FaultKind::WitnessDown,
+            FaultKind::Force,
         ];
         let mut f = *self.rng.pick(&kinds);
         if let (FaultKind::Crash(i), false) = (f, self.power_loss) {
@@ -700,8 +734,14 @@ impl Sim {
                 self.cut[2][i] += 1;
             }
             FaultKind::Kill(i) => self.stop(i, false),
-            FaultKind::Crash(i) => self.stop(i, true),
+            // With power losses limited to secondaries, a primary's power loss is a kill.
+            FaultKind::Crash(i) => {
+                let power =
+                    !self.secondary_power_loss_only || self.nodes[i].st.role() == Role::Secondary;
+                self.stop(i, power)
+            }
             FaultKind::WitnessDown => self.w.up = false,
+            FaultKind::Force => self.force_promote(0),
         }
         // Faults overlap: the next may start before this one ends.
         self.q.at(self.now + dur, Ev::FaultEnd(f));
@@ -725,6 +765,7 @@ impl Sim {
                 self.cut[2][i] -= 1;
             }
             FaultKind::Kill(i) | FaultKind::Crash(i) => self.restart(i),
+            FaultKind::Force => {}
             FaultKind::WitnessDown => {
                 // Its state is what it persisted; leases restart at its restart.
                 let now = self.witness_now();
@@ -905,6 +946,7 @@ impl Sim {
             Timer::Lapse(epoch) => self.resolve_lapse(i, epoch),
             Timer::Settle => self.settle_identical_pair(i),
             Timer::InSync(epoch) => self.clear_at_witness(i, epoch),
+            Timer::Force(n) => self.force_promote(n),
         }
     }
 
@@ -1071,10 +1113,17 @@ impl Sim {
             ),
             Verdict::SplitBrain { .. } => {
                 self.nodes[i].st.split_brain_found(explain.clone());
-                // No operator forces a promotion in the simulation: both sides can only have
-                // written on their own if the fencing failed.
-                self.violation(format!("split brain: {explain}"));
                 self.send(i, conn, Msg::Close);
+                if self.forced == 0 {
+                    // Without a forced promotion both sides can only have written on their
+                    // own if the fencing failed.
+                    self.violation(format!("split brain without a forced promotion: {explain}"));
+                } else {
+                    self.log(format!(
+                        "{me}: split brain after a forced promotion (detected)"
+                    ));
+                    self.q.at(self.now + SEC, Ev::Resolve);
+                }
                 return;
             }
             Verdict::Refuse { reason, .. } => {
@@ -1131,6 +1180,9 @@ impl Sim {
         self.set_fence(i, Fence::Clear);
         let oos = self.nodes[i].meta().out_of_sync_bytes();
         self.nodes[i].st.handshake_done(c, oos);
+        if c == Conn::Connected && oos == 0 {
+            self.sync_snap = self.expect.flush_snapshot();
+        }
         self.log(format!("{me}: connected as {}", c.as_str()));
         if c == Conn::Connected && peer_up {
             self.peer_in_sync(i);
@@ -1368,6 +1420,7 @@ impl Sim {
             return;
         }
         self.nodes[i].st.resync_done_as_target(source);
+        self.sync_snap = self.expect.flush_snapshot();
         self.log(format!(
             "{}: resync finished as target: {}",
             NAMES[i],
@@ -1467,7 +1520,11 @@ impl Sim {
                     self.timer(i, Timer::Fence, FENCE_RETRY);
                 }
             },
-            Purpose::Acquire { sent, peer_in_sync } => {
+            Purpose::Acquire {
+                sent,
+                peer_in_sync,
+                force,
+            } => {
                 self.nodes[i].promoting = false;
                 let outcome = match rep {
                     Ok(r) => acquire_outcome(r, LEASE),
@@ -1479,7 +1536,23 @@ impl Sim {
                         if !peer_in_sync {
                             self.record_peer_outdated(i);
                         }
+                        if force {
+                            self.forced += 1;
+                            self.out.forced += 1;
+                            for b in 0..NBLK {
+                                let v = self.nodes[i].disk.read(b);
+                                self.expect.forced(b, v);
+                            }
+                            if !self.forced_data(i) {
+                                return;
+                            }
+                        }
                         self.become_primary(i, epoch);
+                    }
+                    Err(_) if force => {
+                        // The operator tries again (the old lease may still run).
+                        let n = self.nodes[i].force_tries + 1;
+                        self.timer(i, Timer::Force(n), 500 * MS);
                     }
                     Err(Acquire::Outdated(why)) => {
                         if self.nodes[i].link.is_none() {
@@ -1586,19 +1659,96 @@ impl Sim {
     }
 
     fn acquire(&mut self, i: usize, peer_in_sync: bool) {
+        self.acquire_with(i, peer_in_sync, false);
+    }
+
+    fn acquire_with(&mut self, i: usize, peer_in_sync: bool, force: bool) {
         let sent = self.clock(i);
         let req = Request::Acquire {
             have_epoch: self.nodes[i].epoch(),
             lease_ms: LEASE.as_millis() as u64,
             outdate_peer: (!peer_in_sync).then(|| NAMES[1 - i].to_string()),
-            force: false,
+            force,
         };
         self.witness_call(
             i,
             req,
-            Purpose::Acquire { sent, peer_in_sync },
+            Purpose::Acquire {
+                sent,
+                peer_in_sync,
+                force,
+            },
             WITNESS_TIMEOUT,
         );
+    }
+
+    /// `primary --force` (the operator's, in a fault) on a node that cannot see a primary;
+    /// asked again while the witness refuses, up to 20 times.
+    fn force_promote(&mut self, tries: u32) {
+        let cands: Vec<usize> = (0..2)
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                n.up && n.st.role() == Role::Secondary && n.link.is_none() && !n.promoting
+            })
+            .collect();
+        let Some(&i) = cands.first() else {
+            return;
+        };
+        if tries >= 20 {
+            self.log(format!("operator: gives up forcing {}", NAMES[i]));
+            return;
+        }
+        self.log(format!("operator: tandem primary --force on {}", NAMES[i]));
+        self.nodes[i].promoting = true;
+        self.nodes[i].force_tries = tries;
+        self.acquire_with(i, false, true);
+    }
+
+    /// `runtime.rs`, `promote` with force: a copy that is not UpToDate becomes the reference
+    /// (a new generation, everything to be copied to the peer). False if that failed.
+    fn forced_data(&mut self, i: usize) -> bool {
+        if self.nodes[i].st.disk() == DiskState::UpToDate {
+            return true;
+        }
+        let m = self.nodes[i].meta();
+        let r = m.update(|sb| {
+            sb.gens.new_current(false);
+            sb.flags.consistent = true;
+            sb.flags.outdated = false;
+        });
+        if r.is_err() {
+            return false;
+        }
+        m.set_all_out_of_sync();
+        if m.flush_bitmap().is_err() {
+            return false;
+        }
+        self.nodes[i].st.forced_up_to_date();
+        true
+    }
+
+    /// The operator after a split brain: the side that is not primary (or, with neither
+    /// primary, the one with the older epoch) discards its data; both reconnect.
+    fn resolve_split_brain(&mut self) {
+        let prim = (0..2).find(|&i| self.nodes[i].up && self.nodes[i].st.role() == Role::Primary);
+        let victim = match prim {
+            Some(p) => 1 - p,
+            None if self.nodes[0].epoch() < self.nodes[1].epoch() => 0,
+            None => 1,
+        };
+        self.log(format!(
+            "operator: connect --discard-my-data on {}, connect on {}",
+            NAMES[victim],
+            NAMES[1 - victim]
+        ));
+        let snap = self.sync_snap.clone();
+        self.expect.discarded_since(&snap);
+        if self.nodes[victim].up {
+            self.nodes[victim].st.connect(true);
+        }
+        if self.nodes[1 - victim].up {
+            self.nodes[1 - victim].st.connect(false);
+        }
     }
 
     fn become_primary(&mut self, i: usize, epoch: u64) {
@@ -1619,6 +1769,7 @@ impl Sim {
         self.nodes[i].st.promoted();
         self.set_fence(i, fence);
         self.out.promotions += 1;
+        self.writers.promoted(i, epoch, self.now);
         self.log(format!(
             "{}: promoted to primary in epoch {epoch}",
             NAMES[i]

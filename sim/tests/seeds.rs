@@ -17,6 +17,7 @@ fn options(mutation: Option<Mutation>) -> Options {
         // Power losses find an open problem (README, "What the simulator found"): a node
         // whose page cache was lost comes back trusting its copy.
         power_loss: false,
+        secondary_power_loss_only: false,
     }
 }
 
@@ -69,6 +70,7 @@ fn two_thousand_seeds_hold_every_invariant() {
 #[test]
 fn removing_a_mechanism_is_caught() {
     for m in [
+        Mutation::LeaseCheck,
         Mutation::LinkLossFencing,
         Mutation::NewGeneration,
         Mutation::ActivityLog,
