@@ -864,14 +864,7 @@ impl Sim {
             }
         };
         let sb = meta.superblock().clone();
-        // `runtime.rs`: the disk state as the flags say.
-        let disk = if sb.flags.consistent && sb.flags.outdated {
-            DiskState::Outdated
-        } else if sb.flags.consistent {
-            DiskState::UpToDate
-        } else {
-            DiskState::Inconsistent
-        };
+        let disk = tandem::node::core::starting_disk(&sb.flags);
         let rec = meta.recovery().clone();
         let n = &mut self.nodes[i];
         n.inc += 1;

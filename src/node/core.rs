@@ -206,6 +206,17 @@ pub fn synced_copy(source: DiskState) -> DiskState {
     }
 }
 
+/// The disk state a node starts with, as its metadata flags say.
+pub fn starting_disk(flags: &crate::meta::MetaFlags) -> DiskState {
+    if flags.consistent && flags.outdated {
+        Outdated
+    } else if flags.consistent {
+        UpToDate
+    } else {
+        Inconsistent
+    }
+}
+
 /// One change of the state machine's fields.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Change {

@@ -269,36 +269,24 @@ mod tests {
 
     #[test]
     fn a_held_write_goes_on_alone_only_with_the_peer_outdated_and_a_lease() {
+        use HoldDecision::*;
         let out = Fence::PeerOutdated("x".into());
-        let w = Fencing::Witness;
-        assert_eq!(
-            hold_decision(Role::Primary, false, &out, w, true),
-            HoldDecision::Degraded
-        );
-        assert_eq!(
-            hold_decision(Role::Primary, false, &out, w, false),
-            HoldDecision::Wait
-        );
-        assert_eq!(
-            hold_decision(Role::Primary, false, &out, Fencing::Handler, false),
-            HoldDecision::Degraded
-        );
         let pending = Fence::Pending("p".into());
-        assert_eq!(
-            hold_decision(Role::Primary, false, &pending, w, true),
-            HoldDecision::Wait
-        );
-        assert_eq!(
-            hold_decision(Role::Primary, true, &pending, w, false),
-            HoldDecision::Retry
-        );
+        let (w, h) = (Fencing::Witness, Fencing::Handler);
+        let primary =
+            |link, f: &Fence, fencing, lease| hold_decision(Role::Primary, link, f, fencing, lease);
+        assert_eq!(primary(false, &out, w, true), Degraded);
+        assert_eq!(primary(false, &out, w, false), Wait);
+        assert_eq!(primary(false, &out, h, false), Degraded);
+        assert_eq!(primary(false, &pending, w, true), Wait);
+        assert_eq!(primary(true, &pending, w, false), Retry);
         assert!(matches!(
-            hold_decision(Role::Secondary, true, &out, w, true),
-            HoldDecision::Fail(_)
+            primary(false, &Fence::Lost("l".into()), w, true),
+            Fail(_)
         ));
         assert!(matches!(
-            hold_decision(Role::Primary, false, &Fence::Lost("l".into()), w, true),
-            HoldDecision::Fail(_)
+            hold_decision(Role::Secondary, true, &out, w, true),
+            Fail(_)
         ));
     }
 

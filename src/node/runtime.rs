@@ -86,14 +86,7 @@ impl Node {
         store: SharedStore,
         meta: Meta,
     ) -> Arc<Node> {
-        let sb = meta.superblock();
-        let disk = if sb.flags.consistent && sb.flags.outdated {
-            DiskState::Outdated
-        } else if sb.flags.consistent {
-            DiskState::UpToDate
-        } else {
-            DiskState::Inconsistent
-        };
+        let disk = super::core::starting_disk(&meta.superblock().flags);
         let size = store.size();
         let (events, _) = broadcast::channel(1024);
         let (changed, _) = watch::channel(0);
