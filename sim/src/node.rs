@@ -13,6 +13,7 @@ use tandem::meta::{Generations, Meta, EXTENT_SIZE};
 use tandem::mutation::{self, Mutation};
 use tandem::node::core::{Conn, State};
 use tandem::node::decide::{self, Direction, EpochCheck, PeerClaim, Side, Verdict, WitnessView};
+use tandem::node::records;
 use tandem::node::rules::{
     self, acquire_outcome, hold_decision, witness_verdict, Acquire, Fence, HoldDecision,
     OnLinkLost, WitnessVerdict,
@@ -396,6 +397,14 @@ impl Node {
 
     fn meta(&mut self) -> &mut Meta {
         self.meta.as_mut().expect("a running node has its metadata")
+    }
+
+    /// The metadata and the state together, for `records`.
+    fn both(&mut self) -> (&mut Meta, &mut State) {
+        (
+            self.meta.as_mut().expect("a running node has its metadata"),
+            &mut self.st,
+        )
     }
 
     fn epoch(&self) -> u64 {
@@ -1082,14 +1091,9 @@ impl Sim {
                     }
                 } else {
                     // Same data as an UpToDate peer: not outdated after all.
-                    if self.nodes[i].st.disk() == DiskState::Outdated
-                        && peer.disk == DiskState::UpToDate
-                        && self.nodes[i]
-                            .meta()
-                            .update(|sb| sb.flags.outdated = false)
-                            .is_ok()
-                    {
-                        self.nodes[i].st.proven_current();
+                    if peer.disk == DiskState::UpToDate {
+                        let (m, st) = self.nodes[i].both();
+                        let _ = records::proven_current(m, st);
                     }
                     (Conn::Connected, false)
                 }
@@ -1161,12 +1165,7 @@ impl Sim {
             self.lose_link(i, "disconnected during the handshake");
             return;
         }
-        if c == Conn::SyncTarget
-            && self.nodes[i]
-                .meta()
-                .update(|sb| sb.flags.consistent = false)
-                .is_err()
-        {
+        if c == Conn::SyncTarget && records::sync_target(self.nodes[i].meta()).is_err() {
             self.lose_link(i, "recording the resync failed");
             return;
         }
@@ -1201,11 +1200,7 @@ impl Sim {
         self.nodes[i].resync = None;
         let unflushed = self.nodes[i].unflushed.take();
         if !unflushed.is_empty() {
-            let m = self.nodes[i].meta();
-            for &(o, l) in &unflushed {
-                m.mark_out_of_sync(o, l);
-            }
-            let _ = m.flush_bitmap();
+            let _ = records::unflushed_lost(self.nodes[i].meta(), &unflushed);
         }
         // Writes waiting for this link's answer are held; flushes go on without the peer.
         for w in self.nodes[i].writes.values_mut() {
@@ -1374,17 +1369,9 @@ impl Sim {
             self.resync_step(i);
             return;
         }
-        let m = self.nodes[i].meta();
-        let r = m.flush_bitmap().and_then(|_| {
-            m.update(|sb| {
-                sb.gens.clear_bitmap();
-                sb.flags.crashed_primary = false;
-            })
-        });
-        if r.is_err() {
+        let Ok(gens) = records::resync_done_as_source(self.nodes[i].meta()) else {
             return;
-        }
-        let gens = m.superblock().gens;
+        };
         self.nodes[i].resync = None;
         self.send(i, conn, Msg::ResyncDone { gens });
         self.nodes[i].st.resync_done_as_source();
@@ -1397,22 +1384,11 @@ impl Sim {
             Some(l) => l.peer.disk,
             None => return,
         };
-        let disk = tandem::node::core::synced_copy(source);
-        let m = self.nodes[i].meta();
-        m.mark_in_sync(0, SIZE);
-        let r = m.flush_bitmap().and_then(|_| {
-            m.update(|sb| {
-                sb.gens.adopt(&gens);
-                sb.flags.consistent = true;
-                sb.flags.outdated = disk == DiskState::Outdated;
-                sb.flags.crashed_primary = false;
-            })
-        });
-        if r.is_err() {
+        let (m, st) = self.nodes[i].both();
+        let Ok(disk) = records::resync_done_as_target(m, st, gens, source) else {
             self.lose_link(i, "recording the finished resync failed");
             return;
-        }
-        self.nodes[i].st.resync_done_as_target(source);
+        };
         self.sync_snap = self.expect.flush_snapshot();
         self.log(format!(
             "{}: resync finished as target: {}",
@@ -1703,20 +1679,10 @@ impl Sim {
         if self.nodes[i].st.disk() == DiskState::UpToDate {
             return true;
         }
-        let m = self.nodes[i].meta();
-        let r = m.update(|sb| {
-            sb.gens.new_current(false);
-            sb.flags.consistent = true;
-            sb.flags.outdated = false;
-        });
-        if r.is_err() {
+        let (m, st) = self.nodes[i].both();
+        if records::forced_reference(m, st, false).is_err() {
             return false;
         }
-        m.set_all_out_of_sync();
-        if m.flush_bitmap().is_err() {
-            return false;
-        }
-        self.nodes[i].st.forced_up_to_date();
         true
     }
 
@@ -1745,13 +1711,8 @@ impl Sim {
     }
 
     fn become_primary(&mut self, i: usize, epoch: u64) {
-        let r = self.nodes[i].meta().update(|sb| {
-            sb.epoch = sb.epoch.max(epoch);
-            sb.flags.was_primary = true;
-            sb.flags.outdated = false;
-            sb.gens.set_primary(true);
-        });
-        if r.is_err() {
+        let (m, st) = self.nodes[i].both();
+        if records::promotion(m, st, Some(epoch)).is_err() {
             return;
         }
         let fence = if self.nodes[i].link.is_some() {
@@ -1759,7 +1720,6 @@ impl Sim {
         } else {
             Fence::PeerOutdated("promoted without the peer".into())
         };
-        self.nodes[i].st.promoted();
         self.set_fence(i, fence);
         self.out.promotions += 1;
         self.writers.promoted(i, epoch, self.now);
@@ -1844,13 +1804,10 @@ impl Sim {
     fn step_down(&mut self, i: usize, why: String, stale: bool) {
         self.nodes[i].lease_until = None;
         self.set_fence(i, Fence::Lost(why.clone()));
-        if !self.nodes[i].st.stepped_down() {
+        let (m, st) = self.nodes[i].both();
+        if !records::stepped_down(m, st).0 {
             return;
         }
-        let _ = self.nodes[i].meta().update(|sb| {
-            sb.flags.was_primary = false;
-            sb.gens.set_primary(false);
-        });
         if stale {
             self.outdate_myself(i);
         }
@@ -1861,25 +1818,17 @@ impl Sim {
     }
 
     fn outdate_myself(&mut self, i: usize) {
-        let _ = self.nodes[i].meta().update(|sb| sb.flags.outdated = true);
-        self.nodes[i].st.outdated();
+        let (m, st) = self.nodes[i].both();
+        records::outdated(m, st);
     }
 
     fn outdated_no_more(&mut self, i: usize) -> bool {
-        self.nodes[i].st.lapsed_in = None;
-        if self.nodes[i].st.disk() != DiskState::Outdated {
-            return false;
+        let (m, st) = self.nodes[i].both();
+        if matches!(records::proven_current(m, st), Ok(true)) {
+            self.log(format!("{}: UpToDate again", NAMES[i]));
+            return true;
         }
-        if self.nodes[i]
-            .meta()
-            .update(|sb| sb.flags.outdated = false)
-            .is_err()
-        {
-            return false;
-        }
-        self.nodes[i].st.proven_current();
-        self.log(format!("{}: UpToDate again", NAMES[i]));
-        true
+        false
     }
 
     fn peer_in_sync(&mut self, i: usize) {
@@ -2028,12 +1977,8 @@ impl Sim {
     fn degraded(&mut self, i: usize, seq: u64) -> Result<(), ()> {
         let b = self.nodes[i].writes[&seq].b;
         let was_primary = self.nodes[i].primary_when_peer_lost;
-        let m = self.nodes[i].meta();
-        if rules::needs_split_generation(m.superblock().gens.bitmap) {
-            m.update(|sb| sb.gens.split_from_peer(was_primary))
-                .map_err(|_| ())?;
-        }
-        m.mark_out_of_sync(block_offset(b), BLOCK);
+        records::written_without_peer(self.nodes[i].meta(), was_primary, block_offset(b), BLOCK)
+            .map_err(|_| ())?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
+use super::records;
 use super::rules::{
     acquire_outcome, hold_decision, lease_lapse, lease_until, witness_verdict, HoldDecision,
     OnLinkLost, WitnessVerdict,
@@ -537,10 +538,14 @@ impl Node {
 
     /// Mark this node's data Outdated (persisted): it will not promote automatically.
     pub(crate) fn outdate_myself(&self, why: &str) {
-        if let Err(e) = self.meta().update(|sb| sb.flags.outdated = true) {
+        let (changed, failed) = {
+            let mut st = self.state();
+            records::outdated(&mut self.meta(), &mut st)
+        };
+        if let Some(e) = failed {
             tracing::error!("recording the outdated disk failed: {e}");
         }
-        if self.state().outdated() {
+        if changed {
             self.event("disk", json!({"disk": "Outdated", "reason": why}));
         }
     }
@@ -548,17 +553,18 @@ impl Node {
     /// Undo `outdate_myself` (persisted first); false if that failed, or if the copy is no
     /// longer Outdated (e.g. it became a sync target while the witness was asked).
     fn outdated_no_more(&self, why: &str) -> bool {
-        let mut st = self.state();
-        st.lapsed_in = None;
-        if st.disk() != DiskState::Outdated {
-            return false;
+        let r = {
+            let mut st = self.state();
+            records::proven_current(&mut self.meta(), &mut st)
+        };
+        match r {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                tracing::error!("recording the UpToDate copy failed: {e}");
+                return false;
+            }
         }
-        if let Err(e) = self.meta().update(|sb| sb.flags.outdated = false) {
-            tracing::error!("recording the UpToDate copy failed: {e}");
-            return false;
-        }
-        st.proven_current();
-        drop(st);
         tracing::warn!("data UpToDate again: {why}");
         self.event("disk", json!({"disk": "UpToDate", "reason": why}));
         true
@@ -618,14 +624,15 @@ impl Node {
         why: &str,
         forced: bool,
     ) -> Result<(), String> {
-        let r = self.meta().update(|sb| {
-            if let Some(e) = epoch {
-                sb.epoch = sb.epoch.max(e);
-            }
-            sb.flags.was_primary = true;
-            sb.flags.outdated = false;
-            sb.gens.set_primary(true);
-        });
+        let fence = if self.link().is_some() {
+            Fence::Clear
+        } else {
+            Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
+        };
+        let r = {
+            let mut st = self.state();
+            records::promotion(&mut self.meta(), &mut st, epoch)
+        };
         if let Err(e) = r {
             // Not primary: a node that cannot persist its epoch and generation must not
             // acknowledge writes under them.
@@ -637,12 +644,6 @@ impl Node {
             );
             return Err(why);
         }
-        let fence = if self.link().is_some() {
-            Fence::Clear
-        } else {
-            Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
-        };
-        self.state().promoted();
         self.set_fence(fence);
         let msg = format!("promoted to primary: {why}");
         if forced {
@@ -758,13 +759,14 @@ impl Node {
     fn step_down(&self, why: String, stale: bool) {
         *self.lease_until.lock().unwrap() = None;
         self.set_fence(Fence::Lost(why.clone()));
-        if !self.state().stepped_down() {
+        let (changed, failed) = {
+            let mut st = self.state();
+            records::stepped_down(&mut self.meta(), &mut st)
+        };
+        if !changed {
             return;
         }
-        if let Err(e) = self.meta().update(|sb| {
-            sb.flags.was_primary = false;
-            sb.gens.set_primary(false);
-        }) {
+        if let Some(e) = failed {
             tracing::error!("recording the demotion failed: {e}");
         }
         if stale {

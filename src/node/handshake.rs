@@ -209,10 +209,10 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
                     }
                 }
             } else {
-                if node.state().disk() == DiskState::Outdated && peer.disk == DiskState::UpToDate {
+                if peer.disk == DiskState::UpToDate {
                     // Same data as an UpToDate peer: not outdated after all.
-                    let _ = node.persist(|sb| sb.flags.outdated = false);
-                    node.state().proven_current();
+                    let mut st = node.state();
+                    let _ = super::records::proven_current(&mut node.meta(), &mut st);
                 }
                 (Conn::Connected, false)
             }
@@ -295,13 +295,14 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     // it left an UpToDate node whose metadata says Inconsistent once it restarts (found by
     // the simulator, seed 1020).
     if conn == Conn::SyncTarget {
-        if let Err(e) = node.persist(|sb| sb.flags.consistent = false) {
+        let recorded = super::records::sync_target(&mut node.meta());
+        if let Err(e) = recorded {
             node.drop_link(
                 "peer could not record the resync",
                 "recording the resync failed",
             )
             .await;
-            return Err(HandshakeError::Protocol(e.message));
+            return Err(HandshakeError::Protocol(e.to_string()));
         }
     }
     // Writes held by fencing go to this link now.

@@ -8,6 +8,7 @@ pub mod decide;
 mod dispatch;
 pub mod failover;
 mod handshake;
+pub mod records;
 pub mod replicated;
 pub mod resync;
 pub mod rules;

@@ -151,20 +151,17 @@ impl<H: Host> ReplicatedStore<H> {
     /// The peer does not have `[offset, offset+len)`: make sure a new generation is on disk
     /// (DRBD's lazy bump: only when the bitmap generation is not already set), then mark.
     fn degraded(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut meta = self.node.meta();
-        if super::rules::needs_split_generation(meta.superblock().gens.bitmap) {
-            let was_primary = self.node.primary_when_peer_lost();
-            meta.update(|sb| sb.gens.split_from_peer(was_primary))
+        let was_primary = self.node.primary_when_peer_lost();
+        let started =
+            super::records::written_without_peer(&mut self.node.meta(), was_primary, offset, len)
                 .map_err(io::Error::other)?;
-            drop(meta);
+        if started {
             tracing::warn!("writing without the peer: started a new data generation");
             self.node.event(
                 "generation",
                 serde_json::json!({"reason": "first write without the peer"}),
             );
-            meta = self.node.meta();
         }
-        meta.mark_out_of_sync(offset, len);
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::json;
 
-use super::core::synced_copy;
+use super::records;
 use super::runtime::{Node, Progress};
 use super::DiskState;
 use crate::repl::link::{Link, LinkLost, Reply};
@@ -29,27 +29,19 @@ pub(super) fn resync_finished_as_target(
     gens: crate::meta::Generations,
     source: DiskState,
 ) -> Result<(), String> {
-    let size = node.size;
-    // Decided before it is recorded; applied to the state only once it is.
-    let disk = synced_copy(source);
+    // Recorded first; applied to the state only once it is.
     let result = {
-        let mut meta = node.meta();
-        meta.mark_in_sync(0, size);
-        meta.flush_bitmap().and_then(|_| {
-            meta.update(|sb| {
-                sb.gens.adopt(&gens);
-                sb.flags.consistent = true;
-                sb.flags.outdated = disk == DiskState::Outdated;
-                sb.flags.crashed_primary = false;
-            })
-        })
+        let mut st = node.state();
+        records::resync_done_as_target(&mut node.meta(), &mut st, gens, source)
     };
-    if let Err(e) = result {
-        let why = format!("recording the finished resync failed: {e}");
-        tracing::error!("{why}");
-        return Err(why);
-    }
-    node.state().resync_done_as_target(source);
+    let disk = match result {
+        Ok(disk) => disk,
+        Err(e) => {
+            let why = format!("recording the finished resync failed: {e}");
+            tracing::error!("{why}");
+            return Err(why);
+        }
+    };
     tracing::info!("resync finished: this node is {}", disk.as_str());
     node.event(
         "resync",
@@ -229,19 +221,12 @@ async fn resync_round(node: Arc<Node>, link: Arc<Link>) -> Round {
             return Round::Retry;
         }
     }
-    let gens = {
-        let mut meta = node.meta();
-        let r = meta.flush_bitmap().and_then(|_| {
-            meta.update(|sb| {
-                sb.gens.clear_bitmap();
-                sb.flags.crashed_primary = false;
-            })
-        });
-        if let Err(e) = r {
+    let gens = match records::resync_done_as_source(&mut node.meta()) {
+        Ok(gens) => gens,
+        Err(e) => {
             tracing::error!("recording the finished resync failed: {e}");
             return Round::Retry;
         }
-        meta.superblock().gens
     };
     if link.send(&Message::ResyncDone { gens }).await.is_err() {
         return Round::Stopped;

@@ -197,11 +197,7 @@ impl Node {
         // the primary's leftover bits make it the sync source when the link is back.
         let unflushed = link.unflushed.take();
         if !unflushed.is_empty() {
-            let mut meta = self.meta();
-            for &(offset, len) in &unflushed {
-                meta.mark_out_of_sync(offset, len);
-            }
-            match meta.flush_bitmap() {
+            match super::records::unflushed_lost(&mut self.meta(), &unflushed) {
                 Ok(()) => tracing::warn!(
                     "{} range(s) the peer acknowledged but had not flushed marked out of sync",
                     unflushed.len()
@@ -394,27 +390,10 @@ impl Node {
             why = format!("{why} (forced: disk was {})", disk.as_str());
         }
         if new_data {
-            // This node's data becomes the reference: a new generation, and everything must
-            // be copied to the peer.
-            self.persist(|sb| {
-                if fresh {
-                    sb.gens.bitmap = 0;
-                    sb.gens.current = crate::meta::Generations::random();
-                } else {
-                    // The old generation stays as the bitmap generation, so a peer still at
-                    // it is a sync target (of everything: every bit is set below), and only
-                    // a peer that moved on since is a split brain.
-                    sb.gens.new_current(false);
-                }
-                sb.flags.consistent = true;
-                sb.flags.outdated = false;
-            })?;
-            let mut meta = self.meta();
-            meta.set_all_out_of_sync();
-            meta.flush_bitmap()
-                .map_err(|e| Failure::error(e.to_string()))?;
-            drop(meta);
-            self.state().forced_up_to_date();
+            // This node's data becomes the reference.
+            let mut st = self.state();
+            super::records::forced_reference(&mut self.meta(), &mut st, fresh)
+                .map_err(|e| Failure::error(format!("metadata write failed: {e}")))?;
         }
         self.become_primary(epoch, &why, force)
             .await
