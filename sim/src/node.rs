@@ -12,7 +12,7 @@ use tandem::config::Fencing;
 use tandem::meta::{Generations, Meta, EXTENT_SIZE};
 use tandem::mutation::{self, Mutation};
 use tandem::node::core::{Conn, State};
-use tandem::node::decide::{self, Direction, EpochCheck, PeerClaim, Side, Verdict, WitnessView};
+use tandem::node::decide::{self, Direction, EpochCheck, LinkPlan, PeerClaim, Side, WitnessView};
 use tandem::node::records;
 use tandem::node::rules::{
     self, acquire_outcome, hold_decision, witness_verdict, Acquire, Fence, HoldDecision,
@@ -1078,37 +1078,26 @@ impl Sim {
         let verdict = decide::handshake(&me_side, &peer_side, &SplitBrainPolicy::default());
         let explain = verdict.explain();
         self.log(format!("{me}: handshake: {explain}"));
-        let (c, full) = match &verdict {
-            Verdict::NoSync { .. } => {
-                if mine.out_of_sync_bytes + peer.out_of_sync_bytes > 0 {
-                    match decide::leftover_direction(&me_side, &peer_side) {
-                        Ok(Direction::Source) => (Conn::SyncSource, false),
-                        Ok(Direction::Target) => (Conn::SyncTarget, false),
-                        Err(_) => {
-                            self.send(i, conn, Msg::Close);
-                            return;
-                        }
-                    }
-                } else {
-                    // Same data as an UpToDate peer: not outdated after all.
-                    if peer.disk == DiskState::UpToDate {
-                        let (m, st) = self.nodes[i].both();
-                        let _ = records::proven_current(m, st);
-                    }
-                    (Conn::Connected, false)
+        let (c, full) = match decide::plan(&verdict, &me_side, &peer_side) {
+            LinkPlan::InSync { proven_current } => {
+                if proven_current {
+                    let (m, st) = self.nodes[i].both();
+                    let _ = records::proven_current(m, st);
                 }
+                (Conn::Connected, false)
             }
-            Verdict::Sync {
-                direction, full, ..
-            } => (
-                if *direction == Direction::Source {
-                    Conn::SyncSource
-                } else {
-                    Conn::SyncTarget
+            LinkPlan::Resync { direction, full } => (
+                match direction {
+                    Direction::Source => Conn::SyncSource,
+                    Direction::Target => Conn::SyncTarget,
                 },
-                *full,
+                full,
             ),
-            Verdict::SplitBrain { .. } => {
+            LinkPlan::Retry(_) => {
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+            LinkPlan::SplitBrain => {
                 self.nodes[i].st.split_brain_found(explain.clone());
                 self.send(i, conn, Msg::Close);
                 if self.forced == 0 {
@@ -1123,10 +1112,9 @@ impl Sim {
                 }
                 return;
             }
-            Verdict::Refuse { reason, .. } => {
-                let r = reason.clone();
+            LinkPlan::Refuse(reason) => {
                 self.nodes[i].st.handshake_refused(explain.clone());
-                self.log(format!("{me}: refused: {r}"));
+                self.log(format!("{me}: refused: {reason}"));
                 self.send(i, conn, Msg::Close);
                 return;
             }

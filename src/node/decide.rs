@@ -842,6 +842,54 @@ pub fn leftover_direction(me: &Side, peer: &Side) -> Result<Direction, String> {
     Ok(d)
 }
 
+/// What the link becomes once both sides know the verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkPlan {
+    /// Connected with nothing to resync. `proven_current`: this copy is Outdated and the
+    /// peer's, with the same data, is UpToDate, so this one is current too.
+    InSync {
+        proven_current: bool,
+    },
+    /// This node resyncs in `direction`; `full`: every block, else the union of the bitmaps.
+    Resync {
+        direction: Direction,
+        full: bool,
+    },
+    /// Drop the link and try again later (why).
+    Retry(String),
+    /// StandAlone until an operator decides.
+    SplitBrain,
+    Refuse(String),
+}
+
+/// The verdict of [`handshake`] applied: equal generations with leftover out-of-sync bits
+/// (after a verify, or ranges the peer had not flushed when the link was lost) resync the
+/// way [`leftover_direction`] says.
+pub fn plan(verdict: &Verdict, me: &Side, peer: &Side) -> LinkPlan {
+    match verdict {
+        Verdict::NoSync { .. } if me.out_of_sync_bytes + peer.out_of_sync_bytes > 0 => {
+            match leftover_direction(me, peer) {
+                Ok(direction) => LinkPlan::Resync {
+                    direction,
+                    full: false,
+                },
+                Err(why) => LinkPlan::Retry(format!("leftover out-of-sync blocks, but {why}")),
+            }
+        }
+        Verdict::NoSync { .. } => LinkPlan::InSync {
+            proven_current: me.disk == DiskState::Outdated && peer.disk == DiskState::UpToDate,
+        },
+        Verdict::Sync {
+            direction, full, ..
+        } => LinkPlan::Resync {
+            direction: *direction,
+            full: *full,
+        },
+        Verdict::SplitBrain { .. } => LinkPlan::SplitBrain,
+        Verdict::Refuse { reason, .. } => LinkPlan::Refuse(reason.clone()),
+    }
+}
+
 /// What a connected node does with the peer's reported role and epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerClaim {
@@ -2131,5 +2179,41 @@ mod tests {
                 prop_assert!(nobody_promotable(&a, &b).is_some());
             }
         }
+    }
+
+    #[test]
+    fn the_plan_resyncs_leftover_bits_and_proves_an_outdated_twin_current() {
+        let same = g(A, 0, 0, 0);
+        let d = SplitBrainPolicy::default();
+        let plan_of = |me: Side, peer: Side| plan(&handshake(&me, &peer, &d), &me, &peer);
+        // Same data, the peer UpToDate: this Outdated copy is current.
+        assert_eq!(
+            plan_of(alpha(same).disk(DiskState::Outdated), beta(same)),
+            LinkPlan::InSync {
+                proven_current: true
+            }
+        );
+        assert_eq!(
+            plan_of(alpha(same), beta(same)),
+            LinkPlan::InSync {
+                proven_current: false
+            }
+        );
+        // Leftover bits: the UpToDate copy is the source, whoever holds them.
+        assert_eq!(
+            plan_of(
+                alpha(same).disk(DiskState::Outdated).changes(4096),
+                beta(same)
+            ),
+            LinkPlan::Resync {
+                direction: Direction::Target,
+                full: false
+            }
+        );
+        // Two primaries never resync each other.
+        assert!(matches!(
+            plan_of(alpha(same).primary().changes(4096), beta(same).primary()),
+            LinkPlan::Retry(_) | LinkPlan::Refuse(_)
+        ));
     }
 }

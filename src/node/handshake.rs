@@ -9,7 +9,9 @@ use serde_json::json;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::decide::{handshake as decide, handshake_epochs, Direction, EpochCheck, Side, Verdict};
+use super::decide::{
+    handshake as decide, handshake_epochs, plan, Direction, EpochCheck, LinkPlan, Side,
+};
 use super::dispatch::{now_ms, ping_loop, read_loop};
 use super::resync::{resync_source, resync_while_connected};
 use super::runtime::{Conn, Node};
@@ -184,50 +186,31 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     }
     node.adopt_epoch(peer.epoch);
 
-    let verdict = decide(
-        &Side::of(&node.me.name, &mine),
-        &Side::of(&node.peer_cfg.name, &peer),
-        &node.cfg.split_brain,
-    );
+    let me_side = Side::of(&node.me.name, &mine);
+    let peer_side = Side::of(&node.peer_cfg.name, &peer);
+    let verdict = decide(&me_side, &peer_side, &node.cfg.split_brain);
     let explain = verdict.explain();
     tracing::info!("sync handshake with {}: {explain}", node.peer_cfg.name);
-    let (conn, full) = match &verdict {
-        Verdict::NoSync { .. } => {
-            // Equal generations but leftover out-of-sync blocks (after verify, or extents the
-            // peer had not flushed when the link was lost).
-            let leftover = mine.out_of_sync_bytes + peer.out_of_sync_bytes > 0;
-            if leftover {
-                let me_side = Side::of(&node.me.name, &mine);
-                let peer_side = Side::of(&node.peer_cfg.name, &peer);
-                match crate::node::decide::leftover_direction(&me_side, &peer_side) {
-                    Ok(Direction::Source) => (Conn::SyncSource, false),
-                    Ok(Direction::Target) => (Conn::SyncTarget, false),
-                    Err(why) => {
-                        return Err(HandshakeError::Protocol(format!(
-                            "leftover out-of-sync blocks, but {why}; retrying"
-                        )))
-                    }
-                }
-            } else {
-                if peer.disk == DiskState::UpToDate {
-                    // Same data as an UpToDate peer: not outdated after all.
-                    let mut st = node.state();
-                    let _ = super::records::proven_current(&mut node.meta(), &mut st);
-                }
-                (Conn::Connected, false)
+    let (conn, full) = match plan(&verdict, &me_side, &peer_side) {
+        LinkPlan::InSync { proven_current } => {
+            if proven_current {
+                // Same data as an UpToDate peer: not outdated after all.
+                let mut st = node.state();
+                let _ = super::records::proven_current(&mut node.meta(), &mut st);
             }
+            (Conn::Connected, false)
         }
-        Verdict::Sync {
-            direction: Direction::Source,
+        LinkPlan::Resync { direction, full } => (
+            match direction {
+                Direction::Source => Conn::SyncSource,
+                Direction::Target => Conn::SyncTarget,
+            },
             full,
-            ..
-        } => (Conn::SyncSource, *full),
-        Verdict::Sync {
-            direction: Direction::Target,
-            full,
-            ..
-        } => (Conn::SyncTarget, *full),
-        Verdict::SplitBrain { .. } => {
+        ),
+        LinkPlan::Retry(why) => {
+            return Err(HandshakeError::Protocol(format!("{why}; retrying")));
+        }
+        LinkPlan::SplitBrain => {
             node.state().split_brain_found(explain.clone());
             tracing::error!(
                 "split brain detected with {}: {explain}",
@@ -239,7 +222,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             );
             return Ok(());
         }
-        Verdict::Refuse { reason, .. } => {
+        LinkPlan::Refuse(reason) => {
             node.state().handshake_refused(explain.clone());
             tracing::error!("refusing to connect to {}: {reason}", node.peer_cfg.name);
             node.event(
