@@ -7,8 +7,8 @@
 #    the time from `primary --force` until both nodes are Connected/UpToDate with nothing out of
 #    sync (status polled every 100 ms), printed as MiB/s, with the resync's own bytes_per_sec.
 # 2. Write throughput with fio's NBD engine over TCP loopback, alternating targets (nbdkit,
-#    serve, replicated, nbdkit, ...), median of the repetitions: 4 KiB random write QD32 and
-#    1 MiB sequential write QD8 against `nbdkit file`, `tandem serve` (each on its own pre-filled
+#    serve, replicated, nbdkit, ...), median of the repetitions: 4 KiB random write QD32,
+#    1 MiB sequential write QD8 and 4 KiB random write QD1 (printed as mean latency) against `nbdkit file`, `tandem serve` (each on its own pre-filled
 #    file) and the replicated primary (alpha's NBD export, protocol C: every write is on both
 #    disks before it is acknowledged). Ratios replicated/serve and replicated/nbdkit. Every
 #    workload starts with all four files written back and evicted from the page cache.
@@ -233,6 +233,7 @@ targets=(nbdkit serve replicated)
 workloads=(
   "randwrite-4k-qd32 randwrite 4k 32"
   "seqwrite-1m-qd8 write 1M 8"
+  "randwrite-4k-qd1 randwrite 4k 1"
 )
 
 run_fio() { # TARGET fio-args... ; prints "iops mibps"
@@ -286,6 +287,12 @@ for w in "${workloads[@]}"; do
     fi
   done
   [ "$name" = randwrite-4k-qd32 ] && rand_ratio=${rs%x}
+  if [ "$qd" = 1 ]; then
+    # One request at a time: the mean time per write is the inverse of the rate.
+    python3 -c "
+s, r, n = ${mi[serve]}, ${mi[replicated]}, ${mi[nbdkit]}
+print(f'QD1 mean write latency: nbdkit {1e6 / n:.0f} us, serve {1e6 / s:.0f} us, replicated {1e6 / r:.0f} us (serve + {1e6 / r - 1e6 / s:.0f} us)')"
+  fi
   unset iops_l mib_l mi mm
 done
 

@@ -18,15 +18,19 @@ pub enum Mutation {
     NewGeneration,
     /// Writes do not enter the activity log, so a crash replays nothing.
     ActivityLog,
+    /// A node promoted while its peer was in sync goes on alone when the link is lost
+    /// during the promotion, without fencing the peer.
+    PromotionFence,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 5] = [
+    pub const ALL: [Mutation; 6] = [
         Mutation::LeaseCheck,
         Mutation::LinkLossFencing,
         Mutation::UnflushedSet,
         Mutation::NewGeneration,
         Mutation::ActivityLog,
+        Mutation::PromotionFence,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +40,7 @@ impl Mutation {
             Mutation::UnflushedSet => "unflushed-set",
             Mutation::NewGeneration => "new-generation",
             Mutation::ActivityLog => "activity-log",
+            Mutation::PromotionFence => "promotion-fence",
         }
     }
 

@@ -1078,6 +1078,19 @@ impl Sim {
         let verdict = decide::handshake(&me_side, &peer_side, &SplitBrainPolicy::default());
         let explain = verdict.explain();
         self.log(format!("{me}: handshake: {explain}"));
+        // Without a forced promotion both sides can only have written on their own if the
+        // fencing failed. After one, a split brain the verdict resolves (a policy, the disk
+        // states, --discard-my-data) gives up the target's writes since the copies split.
+        if verdict.split_brain_detected() {
+            if self.forced == 0 {
+                self.violation(format!("split brain without a forced promotion: {explain}"));
+                return;
+            }
+            if matches!(verdict, tandem::node::decide::Verdict::Sync { .. }) {
+                let snap = self.sync_snap.clone();
+                self.expect.discarded_since(&snap);
+            }
+        }
         let (c, full) = match decide::plan(&verdict, &me_side, &peer_side) {
             LinkPlan::InSync { proven_current } => {
                 if proven_current {
@@ -1100,16 +1113,11 @@ impl Sim {
             LinkPlan::SplitBrain => {
                 self.nodes[i].st.split_brain_found(explain.clone());
                 self.send(i, conn, Msg::Close);
-                if self.forced == 0 {
-                    // Without a forced promotion both sides can only have written on their
-                    // own if the fencing failed.
-                    self.violation(format!("split brain without a forced promotion: {explain}"));
-                } else {
-                    self.log(format!(
-                        "{me}: split brain after a forced promotion (detected)"
-                    ));
-                    self.q.at(self.now + SEC, Ev::Resolve);
-                }
+                self.log(format!(
+                    "{me}: split brain after a forced promotion (detected)"
+                ));
+                self.out.split_brains += 1;
+                self.q.at(self.now + SEC, Ev::Resolve);
                 return;
             }
             LinkPlan::Refuse(reason) => {
@@ -1504,7 +1512,7 @@ impl Sim {
                                 return;
                             }
                         }
-                        self.become_primary(i, epoch);
+                        self.become_primary(i, epoch, !peer_in_sync);
                     }
                     Err(_) if force => {
                         // The operator tries again (the old lease may still run).
@@ -1645,7 +1653,12 @@ impl Sim {
         let cands: Vec<usize> = (0..2)
             .filter(|&i| {
                 let n = &self.nodes[i];
-                n.up && n.st.role() == Role::Secondary && n.link.is_none() && !n.promoting
+                // Not a node an earlier resolution told to discard its data.
+                n.up && n.st.role() == Role::Secondary
+                    && n.link.is_none()
+                    && !n.promoting
+                    && n.st.want_connect
+                    && !n.st.discard_my_data
             })
             .collect();
         let Some(&i) = cands.first() else {
@@ -1698,17 +1711,24 @@ impl Sim {
         }
     }
 
-    fn become_primary(&mut self, i: usize, epoch: u64) {
+    /// `failover.rs`, `become_primary`.
+    fn become_primary(&mut self, i: usize, epoch: u64, peer_fenced: bool) {
         let (m, st) = self.nodes[i].both();
         if records::promotion(m, st, Some(epoch)).is_err() {
             return;
         }
-        let fence = if self.nodes[i].link.is_some() {
-            Fence::Clear
-        } else {
-            Fence::PeerOutdated("promoted without the peer".into())
-        };
-        self.set_fence(i, fence);
+        let linked = self.nodes[i].link.is_some();
+        match rules::promotion_fence(linked, peer_fenced, NAMES[1 - i], "promoted") {
+            OnLinkLost::FencePeer(f) => {
+                self.set_fence(i, f);
+                if !self.nodes[i].fencing {
+                    self.nodes[i].fencing = true;
+                    self.fence_step(i);
+                }
+            }
+            OnLinkLost::GoOnAlone(f) => self.set_fence(i, f),
+            _ => {}
+        }
         self.out.promotions += 1;
         self.writers.promoted(i, epoch, self.now);
         self.log(format!(
@@ -2124,12 +2144,16 @@ impl Sim {
     /// faults, as the nemesis does for the known gaps: a restarted node does not promote
     /// itself).
     fn operator(&mut self) {
+        // A pair left StandAlone (a split brain, a refused handshake) is resolved first.
+        if (0..2).any(|i| self.nodes[i].up && !self.nodes[i].st.want_connect) {
+            self.resolve_split_brain();
+        }
         let primary = (0..2).any(|i| self.nodes[i].up && self.nodes[i].st.role() == Role::Primary);
+        // After the faults it keeps watching until the pair has converged.
+        self.operator_at = (self.healed_at.is_some() || !primary).then_some(self.now + 2 * SEC);
         if primary {
-            self.operator_at = None;
             return;
         }
-        self.operator_at = Some(self.now + 2 * SEC);
         // Each attempt starts with the other node: a refusal on one is no reason to stop.
         self.operator_turn += 1;
         for k in 0..2 {

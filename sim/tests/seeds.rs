@@ -84,6 +84,26 @@ fn removing_a_mechanism_is_caught() {
     }
 }
 
+/// Found by a 200,000-seed soak: a promotion asked for while the peer was connected and in
+/// sync did not outdate it at the witness; when the link was lost during the request, the new
+/// primary acknowledged writes alone, and the peer (never outdated) took over later without
+/// them. Since then the new primary fences the peer first.
+#[test]
+fn a_promotion_that_lost_its_peer_on_the_way_fences_it() {
+    let seed = 194746;
+    let fixed = run(seed, &options(None));
+    assert!(fixed.violations.is_empty(), "{:?}", fixed.violations);
+    let broken = run(seed, &options(Some(Mutation::PromotionFence)));
+    assert!(
+        broken
+            .violations
+            .iter()
+            .any(|v| v.contains("lost acknowledged write")),
+        "{:?}",
+        broken.violations
+    );
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let a = run(77, &options(None));

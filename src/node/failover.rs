@@ -384,13 +384,14 @@ impl Node {
             }
             match self.cfg.failover.fencing {
                 Fencing::Witness => {
-                    match self.acquire(self.peer_connected_in_sync(), false).await {
+                    let in_sync = self.peer_connected_in_sync();
+                    match self.acquire(in_sync, false).await {
                         Ok(epoch) => {
                             let why = format!(
                                 "{} was lost; the witness granted epoch {epoch}",
                                 self.peer_cfg.name
                             );
-                            self.auto_become_primary(Some(epoch), &why).await;
+                            self.auto_become_primary(Some(epoch), &why, !in_sync).await;
                             drop(gate);
                             return;
                         }
@@ -420,14 +421,14 @@ impl Node {
                 // The old primary is back as a secondary: nothing to fence.
                 Fencing::Handler if self.link().is_some() => {
                     let why = format!("{} stepped down", self.peer_cfg.name);
-                    self.auto_become_primary(None, &why).await;
+                    self.auto_become_primary(None, &why, false).await;
                     drop(gate);
                     return;
                 }
                 Fencing::Handler => match handler::decide(&self.run_handler().await, true) {
                     HandlerDecision::PeerFenced(why) => {
                         self.record_peer_outdated();
-                        self.auto_become_primary(None, &why).await;
+                        self.auto_become_primary(None, &why, true).await;
                         drop(gate);
                         return;
                     }
@@ -611,24 +612,29 @@ impl Node {
     }
 
     /// `become_primary` for an automatic promotion: a failure is what status shows.
-    async fn auto_become_primary(self: &Arc<Self>, epoch: Option<u64>, why: &str) {
-        let failed = self.become_primary(epoch, why, false).await.err();
+    async fn auto_become_primary(
+        self: &Arc<Self>,
+        epoch: Option<u64>,
+        why: &str,
+        peer_fenced: bool,
+    ) {
+        let failed = self
+            .become_primary(epoch, why, false, peer_fenced)
+            .await
+            .err();
         self.set_note(failed.map(|e| format!("not promoting: {e}")));
     }
 
     /// Take the primary role for `epoch` (persisted first). The new data generation is made
-    /// lazily, before the first write acknowledged without the peer.
+    /// lazily, before the first write acknowledged without the peer. `peer_fenced`: the
+    /// fencing that granted the role fenced the peer too (see `rules::promotion_fence`).
     pub(crate) async fn become_primary(
         self: &Arc<Self>,
         epoch: Option<u64>,
         why: &str,
         forced: bool,
+        peer_fenced: bool,
     ) -> Result<(), String> {
-        let fence = if self.link().is_some() {
-            Fence::Clear
-        } else {
-            Fence::PeerOutdated(format!("promoted without {}: {why}", self.peer_cfg.name))
-        };
         let r = {
             let mut st = self.state();
             records::promotion(&mut self.meta(), &mut st, epoch)
@@ -644,7 +650,22 @@ impl Node {
             );
             return Err(why);
         }
-        self.set_fence(fence);
+        // Decided once the role is taken: a link lost from here on is fenced by `link_lost`
+        // as a primary's, one lost before is seen here.
+        match super::rules::promotion_fence(
+            self.link().is_some(),
+            peer_fenced,
+            &self.peer_cfg.name,
+            why,
+        ) {
+            OnLinkLost::FencePeer(fence) => {
+                self.set_fence(fence);
+                let n = self.clone();
+                tokio::spawn(async move { n.fence_peer().await });
+            }
+            OnLinkLost::GoOnAlone(fence) => self.set_fence(fence),
+            _ => {}
+        }
         let msg = format!("promoted to primary: {why}");
         if forced {
             tracing::warn!("{msg}");
@@ -849,27 +870,31 @@ impl Node {
     pub(crate) async fn fence_for_promotion(
         &self,
         force: bool,
-    ) -> Result<(Option<u64>, String), Failure> {
+    ) -> Result<(Option<u64>, String, bool), Failure> {
         let link = self.link();
         match self.cfg.failover.fencing {
-            Fencing::Witness => match self.acquire(self.peer_connected_in_sync(), force).await {
-                Ok(epoch) => Ok((
-                    Some(epoch),
-                    format!("operator request; the witness granted epoch {epoch}"),
-                )),
-                Err(Acquire::Outdated(why) | Acquire::Wait(why, _)) => {
-                    Err(Failure::refused(format!("the witness refused: {why}")))
+            Fencing::Witness => {
+                let in_sync = self.peer_connected_in_sync();
+                match self.acquire(in_sync, force).await {
+                    Ok(epoch) => Ok((
+                        Some(epoch),
+                        format!("operator request; the witness granted epoch {epoch}"),
+                        !in_sync,
+                    )),
+                    Err(Acquire::Outdated(why) | Acquire::Wait(why, _)) => {
+                        Err(Failure::refused(format!("the witness refused: {why}")))
+                    }
+                    Err(Acquire::Unreachable(why)) => Err(Failure::refused(format!(
+                        "cannot reach the witness ({why}); promotion needs it (fencing = \"witness\")"
+                    ))),
                 }
-                Err(Acquire::Unreachable(why)) => Err(Failure::refused(format!(
-                    "cannot reach the witness ({why}); promotion needs it (fencing = \"witness\")"
-                ))),
-            },
+            }
             Fencing::Handler if link.is_none() => {
                 let up = self.state().disk() == DiskState::UpToDate;
                 match handler::decide(&self.run_handler().await, up) {
                     HandlerDecision::PeerFenced(why) => {
                         self.record_peer_outdated();
-                        Ok((None, why))
+                        Ok((None, why, true))
                     }
                     HandlerDecision::OutdateMyself(why) => {
                         self.outdate_myself(&why);
@@ -878,6 +903,7 @@ impl Node {
                     HandlerDecision::Hold(why) if force => Ok((
                         None,
                         format!("forced although the peer is not fenced: {why}"),
+                        true,
                     )),
                     HandlerDecision::Hold(why) => Err(Failure::refused(format!(
                         "the peer is not proven outdated: {why} (use --force to override)"
@@ -887,8 +913,14 @@ impl Node {
             Fencing::None if force && link.is_none() => Ok((
                 None,
                 "forced, peer not connected: its data is not known to be outdated".into(),
+                true,
             )),
-            _ => Ok((None, "operator request".into())),
+            // Linked (a link lost later is fenced as a primary's), or no fencing at all.
+            _ => Ok((
+                None,
+                "operator request".into(),
+                self.cfg.failover.fencing == Fencing::None,
+            )),
         }
     }
 

@@ -172,6 +172,27 @@ pub fn on_link_lost(
     }
 }
 
+/// What a node that just became primary may do with writes its peer does not acknowledge.
+/// `peer_fenced`: the fencing that granted the role also fenced the peer (the witness was
+/// asked to outdate it, the handler proved it, or the operator forced the promotion).
+/// Without that, a peer lost during the promotion is fenced now, like a link lost by a
+/// primary: a promotion asked for while the peer was connected and in sync did not outdate
+/// it, so it may take over later and must not miss writes (found by the simulator, seed
+/// 194746).
+pub fn promotion_fence(linked: bool, peer_fenced: bool, peer: &str, why: &str) -> OnLinkLost {
+    if linked {
+        return OnLinkLost::GoOnAlone(Fence::Clear);
+    }
+    if peer_fenced || active(Mutation::PromotionFence) {
+        return OnLinkLost::GoOnAlone(Fence::PeerOutdated(format!(
+            "promoted without {peer}: {why}"
+        )));
+    }
+    OnLinkLost::FencePeer(Fence::Pending(format!(
+        "lost {peer} during the promotion: writes held until it is fenced"
+    )))
+}
+
 /// Why the witness did not grant an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquire {
@@ -307,6 +328,22 @@ mod tests {
         assert_eq!(s(DiskState::UpToDate, true), OnLinkLost::TakeOver);
         assert!(matches!(s(DiskState::Outdated, true), OnLinkLost::Note(_)));
         assert_eq!(s(DiskState::UpToDate, false), OnLinkLost::Nothing);
+    }
+
+    #[test]
+    fn a_promotion_goes_on_alone_only_with_the_peer_fenced() {
+        assert_eq!(
+            promotion_fence(true, false, "b", "x"),
+            OnLinkLost::GoOnAlone(Fence::Clear)
+        );
+        assert!(matches!(
+            promotion_fence(false, true, "b", "x"),
+            OnLinkLost::GoOnAlone(Fence::PeerOutdated(_))
+        ));
+        assert!(matches!(
+            promotion_fence(false, false, "b", "x"),
+            OnLinkLost::FencePeer(Fence::Pending(_))
+        ));
     }
 
     #[test]

@@ -384,7 +384,7 @@ impl Node {
         }
         // Fencing first (the witness's epoch, or the handler's proof): nothing changes
         // locally if it refuses.
-        let (epoch, mut why) = self.fence_for_promotion(force).await?;
+        let (epoch, mut why, peer_fenced) = self.fence_for_promotion(force).await?;
         let new_data = fresh || disk != DiskState::UpToDate;
         if disk != DiskState::UpToDate {
             why = format!("{why} (forced: disk was {})", disk.as_str());
@@ -395,7 +395,7 @@ impl Node {
             super::records::forced_reference(&mut self.meta(), &mut st, fresh)
                 .map_err(|e| Failure::error(format!("metadata write failed: {e}")))?;
         }
-        self.become_primary(epoch, &why, force)
+        self.become_primary(epoch, &why, force, peer_fenced)
             .await
             .map_err(Failure::error)?;
         if new_data {
