@@ -1021,7 +1021,12 @@ impl Sim {
     fn on_hello(&mut self, i: usize, conn: u64, peer: PeerState, peer_words: Vec<u64>) {
         let mine = match &self.nodes[i].hs {
             Some(h) if h.conn == conn => h.mine.clone(),
+            // The dialer (alpha) never accepts: a state on a connection it gave up is late.
             Some(_) => {
+                self.send(i, conn, Msg::Close);
+                return;
+            }
+            None if i == 0 => {
                 self.send(i, conn, Msg::Close);
                 return;
             }
