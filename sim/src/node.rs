@@ -275,8 +275,6 @@ struct Node {
     primary_when_peer_lost: bool,
     force_tries: u32,
     resync: Option<Resync>,
-    /// Held writes whose local copy failed (none yet: data-disk errors are not simulated).
-    lease_epoch: Option<u64>,
 }
 
 struct Witness {
@@ -391,7 +389,6 @@ impl Node {
             primary_when_peer_lost: false,
             force_tries: 0,
             resync: None,
-            lease_epoch: None,
         }
     }
 
@@ -887,7 +884,6 @@ impl Sim {
         n.fencing = false;
         n.promoting = false;
         n.primary_when_peer_lost = false;
-        n.lease_epoch = None;
         self.log(format!(
             "{} restarted: {} epoch {}, replayed {} extent(s), crashed primary {} ({:?})",
             NAMES[i],
@@ -1740,7 +1736,6 @@ impl Sim {
             "{}: promoted to primary in epoch {epoch}",
             NAMES[i]
         ));
-        self.nodes[i].lease_epoch = Some(epoch);
         self.schedule_lease(i, epoch);
         self.announce(i);
         if self.peer_connected_in_sync(i) {
