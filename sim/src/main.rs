@@ -44,6 +44,9 @@ struct Args {
     /// Power losses only on a node that is secondary at the time (a primary's is a kill).
     #[arg(long)]
     secondary_power_loss_only: bool,
+    /// Also fail metadata writes with EIO for a while (finds an open problem; see the README).
+    #[arg(long)]
+    meta_eio: bool,
     /// Directory for the metadata files (default: /dev/shm if present, else the temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -73,6 +76,7 @@ fn main() {
         watch: args.watch,
         power_loss: !args.no_power_loss,
         secondary_power_loss_only: args.secondary_power_loss_only,
+        meta_eio: args.meta_eio,
     };
     if let Some(seed) = args.seed {
         let o = run(seed, &opts);

@@ -18,6 +18,7 @@ fn options(mutation: Option<Mutation>) -> Options {
         // whose page cache was lost comes back trusting its copy.
         power_loss: false,
         secondary_power_loss_only: false,
+        meta_eio: false,
     }
 }
 
