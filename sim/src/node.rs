@@ -14,7 +14,7 @@ use tandem::meta::fault::{MetaFault, MetaFaults, MetaPoint};
 use tandem::meta::{Generations, Meta, EXTENT_SIZE};
 use tandem::mutation::{self, Mutation};
 use tandem::node::core::{Conn, State};
-use tandem::node::decide::{self, Direction, EpochCheck, LinkPlan, PeerClaim, Side, WitnessView};
+use tandem::node::decide::{self, EpochCheck, LinkPlan, PeerClaim, Side, WitnessView};
 use tandem::node::records;
 use tandem::node::rules::{
     self, acquire_outcome, hold_decision, witness_verdict, Acquire, Fence, HoldDecision,
@@ -1157,13 +1157,7 @@ impl Sim {
                 }
                 (Conn::Connected, false)
             }
-            LinkPlan::Resync { direction, full } => (
-                match direction {
-                    Direction::Source => Conn::SyncSource,
-                    Direction::Target => Conn::SyncTarget,
-                },
-                full,
-            ),
+            LinkPlan::Resync { direction, full } => (Conn::resyncing(direction), full),
             LinkPlan::Retry(_) => {
                 self.send(i, conn, Msg::Close);
                 return;

@@ -43,6 +43,14 @@ impl Conn {
     pub fn is_linked(self) -> bool {
         !matches!(self, Self::StandAlone | Self::Connecting)
     }
+
+    /// The connection state of a node that resyncs in `direction`.
+    pub fn resyncing(direction: super::decide::Direction) -> Self {
+        match direction {
+            super::decide::Direction::Source => Self::SyncSource,
+            super::decide::Direction::Target => Self::SyncTarget,
+        }
+    }
 }
 
 /// Progress of a resync or verify run.

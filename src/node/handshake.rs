@@ -9,9 +9,7 @@ use serde_json::json;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::decide::{
-    handshake as decide, handshake_epochs, plan, Direction, EpochCheck, LinkPlan, Side,
-};
+use super::decide::{handshake as decide, handshake_epochs, plan, EpochCheck, LinkPlan, Side};
 use super::dispatch::{now_ms, ping_loop, read_loop};
 use super::resync::{resync_source, resync_while_connected};
 use super::runtime::{Conn, Node};
@@ -200,13 +198,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
             }
             (Conn::Connected, false)
         }
-        LinkPlan::Resync { direction, full } => (
-            match direction {
-                Direction::Source => Conn::SyncSource,
-                Direction::Target => Conn::SyncTarget,
-            },
-            full,
-        ),
+        LinkPlan::Resync { direction, full } => (Conn::resyncing(direction), full),
         LinkPlan::Retry(why) => {
             return Err(HandshakeError::Protocol(format!("{why}; retrying")));
         }
