@@ -164,6 +164,7 @@ enum Purpose {
     },
     InSync {
         epoch: u64,
+        conn: u64,
     },
     Lapse {
         epoch: u64,
@@ -195,7 +196,7 @@ enum Timer {
     Promote,
     Lapse(u64),
     Settle,
-    InSync(u64),
+    InSync(u64, u64),
     /// The operator asks again for a forced promotion the witness refused for now.
     Force(u32),
     /// A resync whose end could not be recorded goes again.
@@ -993,7 +994,7 @@ impl Sim {
             Timer::Promote => self.auto_promote(i),
             Timer::Lapse(epoch) => self.resolve_lapse(i, epoch),
             Timer::Settle => self.settle_identical_pair(i),
-            Timer::InSync(epoch) => self.clear_at_witness(i, epoch),
+            Timer::InSync(epoch, conn) => self.clear_at_witness(i, epoch, conn),
             Timer::Force(n) => self.force_promote(n),
             Timer::ResyncRetry => {
                 if let Some(rs) = self.nodes[i].resync.as_mut() {
@@ -1601,7 +1602,7 @@ impl Sim {
                 }
                 self.schedule_lease(i, epoch);
             }
-            Purpose::InSync { epoch } => match rep {
+            Purpose::InSync { epoch, conn } => match rep {
                 Ok(Reply::Ok) => {
                     if self.nodes[i].st.role() == Role::Primary
                         && self.nodes[i].meta().superblock().flags.peer_outdated
@@ -1612,7 +1613,7 @@ impl Sim {
                     }
                 }
                 Ok(_) => {}
-                Err(()) => self.timer(i, Timer::InSync(epoch), FENCE_RETRY),
+                Err(()) => self.timer(i, Timer::InSync(epoch, conn), FENCE_RETRY),
             },
             Purpose::Lapse { epoch } => match rep {
                 Ok(Reply::State {
@@ -1895,19 +1896,25 @@ impl Sim {
     fn peer_in_sync(&mut self, i: usize) {
         self.set_fence(i, Fence::Clear);
         let epoch = self.nodes[i].epoch();
-        self.clear_at_witness(i, epoch);
+        if let Some(conn) = self.nodes[i].link.as_ref().map(|l| l.conn) {
+            self.clear_at_witness(i, epoch, conn);
+        }
     }
 
-    fn clear_at_witness(&mut self, i: usize, epoch: u64) {
+    /// `failover.rs`, `clear_at_witness`: only while the link it began on is up.
+    fn clear_at_witness(&mut self, i: usize, epoch: u64, conn: u64) {
         let n = &self.nodes[i];
-        if n.st.role() != Role::Primary || n.link.is_none() || n.epoch() != epoch {
+        if n.st.role() != Role::Primary
+            || n.link.as_ref().map(|l| l.conn) != Some(conn)
+            || n.epoch() != epoch
+        {
             return;
         }
         let req = Request::InSync {
             epoch,
             peer: NAMES[1 - i].into(),
         };
-        self.witness_call(i, req, Purpose::InSync { epoch }, WITNESS_TIMEOUT);
+        self.witness_call(i, req, Purpose::InSync { epoch, conn }, WITNESS_TIMEOUT);
     }
 
     fn retake_lost_role(&mut self, i: usize) {

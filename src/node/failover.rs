@@ -837,10 +837,16 @@ impl Node {
     /// refused or this node stopped being the connected primary of the same epoch.
     async fn clear_at_witness(&self) -> bool {
         let epoch = self.meta().superblock().epoch;
+        // Only for the link the peer was found in sync on: after a new handshake it may be
+        // behind again, and lifting its mark then lets it take over without the writes it
+        // lacks (simulator seeds 1449178 and 1590153).
+        let Some(link) = self.link() else {
+            return false;
+        };
         let mut warned = false;
         loop {
             if self.role() != Role::Primary
-                || self.link().is_none()
+                || !self.link().is_some_and(|l| Arc::ptr_eq(&l, &link))
                 || self.meta().superblock().epoch != epoch
             {
                 return false;
