@@ -348,7 +348,6 @@ pub struct Sim {
     operator_at: Option<Micros>,
     operator_turn: usize,
     /// Forced promotions so far: only after one may the copies split.
-    forced: u64,
     /// What the client had acknowledged when the copies were last in sync.
     sync_snap: Vec<usize>,
     done: bool,
@@ -499,7 +498,6 @@ impl Sim {
             healed_at: None,
             operator_at: None,
             operator_turn: 1,
-            forced: 0,
             sync_snap: vec![0; NBLK],
             done: false,
         };
@@ -1141,7 +1139,8 @@ impl Sim {
         // fencing failed. After one, a split brain the verdict resolves (a policy, the disk
         // states, --discard-my-data) gives up the target's writes since the copies split.
         if verdict.split_brain_detected() {
-            if self.forced == 0 {
+            // Only after a forced promotion may the copies split.
+            if self.out.forced == 0 {
                 self.violation(format!("split brain without a forced promotion: {explain}"));
                 return;
             }
@@ -1557,7 +1556,6 @@ impl Sim {
                             self.record_peer_outdated(i);
                         }
                         if force {
-                            self.forced += 1;
                             self.out.forced += 1;
                             for b in 0..NBLK {
                                 let v = self.nodes[i].disk.read(b);
