@@ -846,6 +846,11 @@ impl Meta {
         Ok(written)
     }
 
+    /// Hot extents pinned by writes in flight.
+    pub fn pinned_extents(&self) -> usize {
+        self.al.pinned()
+    }
+
     /// Whether the extent holding byte `offset` is hot.
     pub fn is_hot(&self, offset: u64) -> bool {
         self.al.is_hot((offset >> EXTENT_SHIFT) as u32)

@@ -416,7 +416,8 @@ mod tests {
         // Every slot pinned by a write the (absent) peer has not answered.
         let held: Vec<_> = (0..slots).map(write).collect();
         let pinned = || store.node.meta().activate_pinned(slots * EXTENT_SIZE, 4096);
-        until(|| store.node.locks.held() == slots as usize).await;
+        // Pinned, not merely holding their range locks (taken before the activation).
+        until(|| store.node.meta().pinned_extents() == slots as usize).await;
         // One more extent: it must wait for a slot, not fail and not spin.
         let last = write(slots);
         until(|| store.al_waiters.load(Ordering::SeqCst) == 1).await;
