@@ -1218,6 +1218,7 @@ pub fn peer_messages() -> Vec<peer::Message> {
             disk: DiskState::UpToDate,
             gens,
             crashed_primary: false,
+            rolled_back: false,
             out_of_sync_bytes: 1 << 20,
             discard_my_data: false,
             epoch: 7,
@@ -1227,6 +1228,7 @@ pub fn peer_messages() -> Vec<peer::Message> {
             disk: DiskState::Inconsistent,
             gens: Generations::just_created(),
             crashed_primary: true,
+            rolled_back: true,
             out_of_sync_bytes: 0,
             discard_my_data: true,
             epoch: 0,
@@ -1498,6 +1500,7 @@ fn seeds_meta() -> Vec<(String, Vec<u8>)> {
         bytes_per_bit: BYTES_PER_BIT,
         al_extents: DEFAULT_AL_EXTENTS,
         md_id: SEED_MD_ID,
+        boot_id: [0; 16],
     };
     let running = Superblock {
         gens: Generations {

@@ -272,6 +272,8 @@ enum Ev {
 
 struct Node {
     up: bool,
+    /// The machine's boot count (a power loss boots it again).
+    boot: u64,
     inc: u64,
     /// Clock rate against real time (drift).
     rate: f64,
@@ -363,6 +365,11 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     out
 }
 
+/// A simulated machine's boot id: its boot count, never zero.
+fn boot_id(boot: u64) -> [u8; 16] {
+    (u128::from(boot) + 1).to_le_bytes()
+}
+
 fn meta_path(dir: &Path, seed: u64, i: usize) -> PathBuf {
     let tid = format!("{:?}", std::thread::current().id());
     let tid: String = tid.chars().filter(|c| c.is_ascii_digit()).collect();
@@ -378,7 +385,8 @@ impl Node {
         Meta::create_with(&path, RESOURCE, NAMES[i], SIZE, AL_EXTENTS, true)
             .expect("creating the simulated metadata");
         // Both copies start identical and UpToDate, as after `create-md` and a first sync.
-        let mut meta = Meta::open(&path, RESOURCE, NAMES[i], SIZE).expect("opening metadata");
+        let mut meta = Meta::open_booted(&path, RESOURCE, NAMES[i], SIZE, boot_id(1))
+            .expect("opening metadata");
         meta.update(|sb| {
             sb.flags.consistent = true;
             sb.gens = Generations {
@@ -392,6 +400,7 @@ impl Node {
         meta.set_faults(meta_faults.clone());
         Node {
             up: true,
+            boot: 1,
             inc: 1,
             rate,
             meta: Some(meta),
@@ -442,6 +451,7 @@ impl Node {
             disk: self.st.disk(),
             gens: sb.gens,
             crashed_primary: sb.flags.crashed_primary,
+            rolled_back: sb.flags.rolled_back,
             out_of_sync_bytes: m.out_of_sync_bytes(),
             discard_my_data: self.st.discard_my_data,
             epoch: sb.epoch,
@@ -872,6 +882,17 @@ impl Sim {
                 }
             }
             self.nodes[i].disk.cache.clear();
+            // With no other UpToDate copy running, the volume as a whole lost power: like a
+            // disk's volatile cache, anything since the last acknowledged flush may be gone,
+            // whichever copy happens to hold it.
+            let o = &self.nodes[1 - i];
+            if !o.up || o.st.disk() != DiskState::UpToDate {
+                for h in &mut self.expect.blocks {
+                    h.widened = true;
+                }
+            }
+            // The machine boots again: a new boot id.
+            self.nodes[i].boot += 1;
         } else {
             // The peer sees the connection close.
             if let Some(l) = &self.nodes[i].link {
@@ -906,7 +927,8 @@ impl Sim {
         let path = self.nodes[i].path.clone();
         // `up.rs`: the data disk is flushed before the metadata is opened.
         self.nodes[i].disk.flush();
-        let meta = match Meta::open(&path, RESOURCE, NAMES[i], SIZE) {
+        let boot = boot_id(self.nodes[i].boot);
+        let meta = match Meta::open_booted(&path, RESOURCE, NAMES[i], SIZE, boot) {
             Ok(m) => m,
             Err(e) => {
                 self.violation(format!(
@@ -998,6 +1020,8 @@ impl Sim {
                 if let Some(rs) = self.nodes[i].resync.as_mut() {
                     rs.stage = Stage::Pushing;
                     rs.cursor = 0;
+                    // A new `resync_round`: flushed first.
+                    self.nodes[i].disk.flush();
                     self.resync_step(i);
                 }
             }
@@ -1339,6 +1363,8 @@ impl Sim {
     }
 
     fn start_resync(&mut self, i: usize, conn: u64) {
+        // `resync.rs`, `resync_round`: the source's copy is made durable first.
+        self.nodes[i].disk.flush();
         self.nodes[i].resync = Some(Resync {
             conn,
             cursor: 0,
@@ -1555,6 +1581,7 @@ impl Sim {
                         if !peer_in_sync {
                             self.record_peer_outdated(i);
                         }
+                        let new_data = force && self.nodes[i].st.disk() != DiskState::UpToDate;
                         if force {
                             self.out.forced += 1;
                             for b in 0..NBLK {
@@ -1566,6 +1593,10 @@ impl Sim {
                             }
                         }
                         self.become_primary(i, epoch, !peer_in_sync);
+                        // `promote`: the peer becomes the sync target at once.
+                        if new_data && self.nodes[i].link.is_some() {
+                            self.lose_link(i, "re-handshaking after a forced promotion");
+                        }
                     }
                     Err(_) if force => {
                         // The operator tries again (the old lease may still run).
@@ -2043,6 +2074,12 @@ impl Sim {
     fn degraded(&mut self, i: usize, seq: u64) -> Result<(), ()> {
         let b = self.nodes[i].writes[&seq].b;
         let was_primary = self.nodes[i].primary_when_peer_lost;
+        // `replicated.rs`, `degraded`: the data disk is flushed before the generation starts.
+        if tandem::node::rules::needs_split_generation(
+            self.nodes[i].meta().superblock().gens.bitmap,
+        ) {
+            self.nodes[i].disk.flush();
+        }
         records::written_without_peer(self.nodes[i].meta(), was_primary, block_offset(b), BLOCK)
             .map_err(|_| ())?;
         Ok(())
@@ -2225,6 +2262,24 @@ impl Sim {
                 self.acquire(i, peer_in_sync);
                 return;
             }
+        }
+        // Connected, in sync, and no copy promotable (both machines lost power before anyone
+        // held an epoch, so the witness cannot name a holder): status says to force one.
+        let stuck = (0..2).all(|i| {
+            let n = &self.nodes[i];
+            n.up && n.link.is_some()
+                && n.st.conn() == Conn::Connected
+                && n.st.disk() == DiskState::Outdated
+                && !n.promoting
+        });
+        if stuck {
+            let i = self.operator_turn % 2;
+            self.log(format!(
+                "operator: no copy can take over; tandem primary --force on {}",
+                NAMES[i]
+            ));
+            self.nodes[i].promoting = true;
+            self.acquire_with(i, false, true);
         }
     }
 

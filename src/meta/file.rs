@@ -33,6 +33,11 @@ pub struct Recovery {
     pub unclean: bool,
     /// This open set `crashed_primary` (unclean and `was_primary`).
     pub crashed_primary: bool,
+    /// This open set `rolled_back`: unclean, under another boot id than the one recorded
+    /// (the machine went down with the node running), with a consistent copy that was in
+    /// step with its peer (no bitmap generation: a node that wrote alone flushed its data
+    /// first, so only its own unmirrored writes can be gone, and no copy holds those).
+    pub rolled_back: bool,
     /// Extents the activity log listed as hot (plus any salvaged from a torn transaction);
     /// all their bits are now out of sync.
     pub replayed_extents: Vec<u64>,
@@ -207,6 +212,24 @@ fn read_rest(path: &Path, file: &File, sb: &Superblock) -> Result<Loaded, MetaEr
         ring,
         torn_bitmap,
     })
+}
+
+/// The kernel's boot id, which changes with every boot: how `open` tells a process that
+/// crashed from a machine that went down. Zero where the kernel has none (detection off).
+pub fn boot_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        return id;
+    };
+    let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+    if hex.len() != 32 {
+        return [0; 16];
+    }
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).unwrap_or("00");
+        id[i] = u8::from_str_radix(s, 16).unwrap_or(0);
+    }
+    id
 }
 
 fn oos_bytes(bitmap: &Bitmap, size: u64) -> u64 {
@@ -428,6 +451,7 @@ impl Meta {
             bytes_per_bit: BYTES_PER_BIT,
             al_extents,
             md_id: u64::from_le_bytes(md_id_bytes),
+            boot_id: [0; 16],
         };
 
         let write = |block: u64, data: &[u8]| {
@@ -503,6 +527,17 @@ impl Meta {
     /// Then, in this order and each durable before the next: the superblock (not clean,
     /// `was_primary` cleared: the node starts as Secondary), the bitmap, and a reset of the AL.
     pub fn open(path: &Path, resource: &str, node: &str, size: u64) -> Result<Meta, MetaError> {
+        Self::open_booted(path, resource, node, size, boot_id())
+    }
+
+    /// `open` under the given boot id (the simulator's machines have their own).
+    pub fn open_booted(
+        path: &Path,
+        resource: &str,
+        node: &str,
+        size: u64,
+        boot: [u8; 16],
+    ) -> Result<Meta, MetaError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -556,9 +591,11 @@ impl Meta {
             let (a, b) = extent_bits(e);
             bitmap.set_range(a, b, true);
         }
+        let rebooted = sb.boot_id != [0; 16] && sb.boot_id != boot;
         let recovery = Recovery {
             unclean,
             crashed_primary: unclean && sb.flags.was_primary,
+            rolled_back: unclean && rebooted && sb.flags.consistent && sb.gens.bitmap == 0,
             marked_bytes: oos_bytes(&bitmap, size) - before,
             replayed_extents: replayed,
             torn_al_block: loaded
@@ -578,6 +615,7 @@ impl Meta {
                 replayed_extents = recovery.replayed_extents.len(),
                 marked_bytes = recovery.marked_bytes,
                 crashed_primary = recovery.crashed_primary,
+                rolled_back = recovery.rolled_back,
                 torn_al_block = ?recovery.torn_al_block,
                 torn_bitmap_blocks = ?recovery.torn_bitmap_blocks,
                 "metadata was not closed cleanly; applied the activity log"
@@ -601,6 +639,11 @@ impl Meta {
 
         let mut next = meta.sb.clone();
         next.flags.crashed_primary |= meta.recovery.crashed_primary;
+        if meta.recovery.rolled_back {
+            next.flags.rolled_back = true;
+            next.flags.outdated = true;
+        }
+        next.boot_id = boot;
         next.flags.was_primary = false;
         next.flags.al_clean = false;
         if next != meta.sb {
@@ -643,6 +686,7 @@ impl Meta {
             ("bytes_per_bit", next.bytes_per_bit == self.sb.bytes_per_bit),
             ("al_extents", next.al_extents == self.sb.al_extents),
             ("md_id", next.md_id == self.sb.md_id),
+            ("boot_id", next.boot_id == self.sb.boot_id),
             (
                 "flags.al_clean",
                 next.flags.al_clean == self.sb.flags.al_clean,

@@ -14,6 +14,7 @@
 //!  64  flags u32                68  bytes_per_bit u32 (4096)
 //!  72  epoch u64                80  al_extents u32       84  al ring blocks u32
 //!  88  al_offset u64 (block)    96  bm_offset u64       104  bm_blocks u64
+//! 112  boot id [16] (the kernel's, when the node last opened the file; zero: unknown)
 //! 128  resource name [64] (UTF-8, zero padded)   192  node name [64]
 //! 256..4096  zero
 //! ```
@@ -43,9 +44,9 @@ pub const MAX_NAME_LEN: usize = 64;
 const SB_CRC_OFF: usize = 12;
 const RESOURCE_OFF: usize = 128;
 const NODE_OFF: usize = 192;
+const BOOT_ID_OFF: usize = 112;
 /// Bytes of block 0 that hold no field and must be zero.
-const RESERVED: [std::ops::Range<usize>; 2] =
-    [112..RESOURCE_OFF, NODE_OFF + MAX_NAME_LEN..BLOCK_SIZE];
+const RESERVED: std::ops::Range<usize> = NODE_OFF + MAX_NAME_LEN..BLOCK_SIZE;
 
 /// CRC32 of a block whose 4-byte CRC field at `crc_off` counts as zero.
 pub(crate) fn block_crc(buf: &[u8], crc_off: usize) -> u32 {
@@ -97,9 +98,13 @@ pub struct MetaFlags {
     /// Consistent but known stale: the peer went on without this node (fenced, or superseded
     /// as primary). Never promoted automatically; cleared when a resync makes it UpToDate.
     pub outdated: bool,
+    /// The machine went down while the node ran (the boot id changed across an unclean
+    /// shutdown): writes it acknowledged may have been lost with the page cache, and it
+    /// cannot tell which. Set with `outdated`; cleared by the full resync that follows.
+    pub rolled_back: bool,
 }
 
-const FLAG_BITS: [(u32, &str); 8] = [
+const FLAG_BITS: [(u32, &str); 9] = [
     (1 << 0, "consistent"),
     (1 << 1, "was_up_to_date"),
     (1 << 2, "was_primary"),
@@ -108,10 +113,11 @@ const FLAG_BITS: [(u32, &str); 8] = [
     (1 << 5, "al_clean"),
     (1 << 6, "full_sync"),
     (1 << 7, "outdated"),
+    (1 << 8, "rolled_back"),
 ];
 
 impl MetaFlags {
-    fn fields(&self) -> [bool; 8] {
+    fn fields(&self) -> [bool; 9] {
         [
             self.consistent,
             self.was_up_to_date,
@@ -121,6 +127,7 @@ impl MetaFlags {
             self.al_clean,
             self.full_sync,
             self.outdated,
+            self.rolled_back,
         ]
     }
 
@@ -148,6 +155,7 @@ impl MetaFlags {
             al_clean: on(5),
             full_sync: on(6),
             outdated: on(7),
+            rolled_back: on(8),
         })
     }
 
@@ -180,6 +188,9 @@ pub struct Superblock {
     /// Random identity of this metadata instance (chosen by `create`); every block carries it,
     /// so blocks left over from an earlier `create-md` are never mistaken for current ones.
     pub md_id: u64,
+    /// The kernel's boot id when the node last opened the metadata (zero: unknown). An
+    /// unclean shutdown under another boot id means the machine went down, page cache and all.
+    pub boot_id: [u8; 16],
 }
 
 /// Where everything is, derived from the device size and `al_extents`.
@@ -296,6 +307,7 @@ impl Superblock {
         put_u64(&mut b, 88, layout.al_offset);
         put_u64(&mut b, 96, layout.bm_offset);
         put_u64(&mut b, 104, layout.bm_blocks);
+        b[BOOT_ID_OFF..BOOT_ID_OFF + 16].copy_from_slice(&self.boot_id);
         b[RESOURCE_OFF..RESOURCE_OFF + self.resource.len()]
             .copy_from_slice(self.resource.as_bytes());
         b[NODE_OFF..NODE_OFF + self.node.len()].copy_from_slice(self.node.as_bytes());
@@ -334,9 +346,9 @@ impl Superblock {
         };
         // A checksum-valid block with anything in the reserved bytes was not written by this
         // version: its fields cannot be trusted to mean what we read.
-        if let Some(off) = RESERVED.iter().flat_map(|r| r.clone()).find(|&i| b[i] != 0) {
+        if let Some(off) = RESERVED.clone().find(|&i| b[i] != 0) {
             return bad(format!(
-                "has non-zero reserved byte {off} (bytes 112..128 and 256..4096 must be zero)"
+                "has non-zero reserved byte {off} (bytes 256..4096 must be zero)"
             ));
         }
         let flags_bits = get_u32(b, 64);
@@ -357,6 +369,7 @@ impl Superblock {
             bytes_per_bit: get_u32(b, 68),
             al_extents: get_u32(b, 80),
             md_id: get_u64(b, 16),
+            boot_id: b[BOOT_ID_OFF..BOOT_ID_OFF + 16].try_into().unwrap(),
         };
         if sb.bytes_per_bit != BYTES_PER_BIT {
             return bad(format!(
@@ -409,6 +422,7 @@ mod tests {
             bytes_per_bit: BYTES_PER_BIT,
             al_extents: DEFAULT_AL_EXTENTS,
             md_id: 0xdead_beef_cafe_f00d,
+            boot_id: *b"0123456789abcdef",
         }
     }
 
@@ -426,12 +440,12 @@ mod tests {
 
     #[test]
     fn flags_bits_round_trip() {
-        for bits in 0..(1u32 << 8) {
+        for bits in 0..(1u32 << 9) {
             let f = MetaFlags::from_bits(bits).unwrap();
             assert_eq!(f.to_bits(), bits);
             assert_eq!(f.names().len(), bits.count_ones() as usize);
         }
-        assert_eq!(MetaFlags::from_bits(1 << 8), None);
+        assert_eq!(MetaFlags::from_bits(1 << 9), None);
     }
 
     #[test]
@@ -457,7 +471,7 @@ mod tests {
     /// in the reserved areas decoded, so `encode(decode(b)) != b`.
     #[test]
     fn reserved_bytes_must_be_zero() {
-        for pos in [112, 120, 127, 256, 511, 512, 4095] {
+        for pos in [256, 511, 512, 4095] {
             let mut c = sample().encode();
             c[pos] = 1;
             let crc = block_crc(&c, SB_CRC_OFF);

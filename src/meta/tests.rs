@@ -566,6 +566,66 @@ fn crash_replays_hot_extents_and_flags_crashed_primary() {
     assert_eq!(m.out_of_sync_bytes(), EXT);
 }
 
+/// A process crash keeps the page cache; a machine that went down (another boot id) may
+/// have lost writes the node acknowledged, so its copy comes back Outdated and rolled back.
+#[test]
+fn an_unclean_shutdown_under_another_boot_id_rolls_the_copy_back() {
+    const A: [u8; 16] = [1; 16];
+    const B: [u8; 16] = [2; 16];
+    const C: [u8; 16] = [3; 16];
+    let open_at = |path: &Path, boot| Meta::open_booted(path, "r0", "alpha", GIB, boot).unwrap();
+    let (_d, path) = setup(GIB, 67);
+    // Never opened: no boot id on record, so nothing can be told.
+    let mut m = open_at(&path, A);
+    assert_eq!(m.superblock().boot_id, A);
+    m.update(|s| s.flags.consistent = true).unwrap();
+    m.activate(0, 4096).unwrap();
+    drop(m); // the process dies; the machine runs on
+    let mut m = open_at(&path, A);
+    assert!(m.recovery().unclean && !m.recovery().rolled_back);
+    assert!(!m.superblock().flags.rolled_back && !m.superblock().flags.outdated);
+    m.activate(0, 4096).unwrap();
+    drop(m); // the machine goes down
+    let m = open_at(&path, B);
+    assert!(m.recovery().rolled_back);
+    let f = m.superblock().flags;
+    assert!(f.rolled_back && f.outdated && f.consistent);
+    assert_eq!(m.superblock().boot_id, B);
+    // Durable and sticky: only a full resync or a forced promotion clears it.
+    drop(m);
+    let mut m = open_at(&path, B);
+    assert!(!m.recovery().rolled_back && m.superblock().flags.rolled_back);
+    m.update(|s| {
+        s.flags.rolled_back = false;
+        s.flags.outdated = false;
+    })
+    .unwrap();
+    // A clean shutdown loses nothing, whatever boots next.
+    m.close_clean().unwrap();
+    drop(m);
+    let mut m = open_at(&path, C);
+    assert!(!m.recovery().rolled_back && !m.superblock().flags.rolled_back);
+    // A copy that wrote without its peer flushed first: what a power loss takes is only
+    // its own unmirrored writes, which no other copy holds, so it is not rolled back.
+    m.update(|s| s.gens.bitmap = 0x77).unwrap();
+    m.activate(0, 4096).unwrap();
+    drop(m);
+    let mut m = open_at(&path, A);
+    assert!(m.recovery().unclean && !m.recovery().rolled_back);
+    // Nor is a copy that is Inconsistent anyway.
+    m.update(|s| {
+        s.gens.bitmap = 0;
+        s.flags.consistent = false;
+    })
+    .unwrap();
+    drop(m);
+    let m = open_at(&path, B);
+    assert!(m.recovery().unclean && !m.recovery().rolled_back);
+    // The boot id is managed by `Meta`, like `al_clean`.
+    let mut m = m;
+    assert!(m.update(|s| s.boot_id = C).is_err());
+}
+
 #[test]
 fn close_clean_then_open_replays_nothing() {
     let (_d, path) = setup(GIB, 67);

@@ -71,6 +71,9 @@ pub struct Side {
     pub disk: DiskState,
     /// Was primary when it last went down uncleanly.
     pub crashed_primary: bool,
+    /// Its machine went down with it (power loss, OS crash): acknowledged writes may be
+    /// missing from its copy, and it cannot tell which.
+    pub rolled_back: bool,
     /// Dirty bitmap bytes ("changes" for discard-least-changes / discard-zero-changes).
     pub out_of_sync_bytes: u64,
     /// The operator asked `connect --discard-my-data`.
@@ -87,6 +90,7 @@ impl Side {
             role: s.role,
             disk: s.disk,
             crashed_primary: s.crashed_primary,
+            rolled_back: s.rolled_back,
             out_of_sync_bytes: s.out_of_sync_bytes,
             discard_my_data: s.discard_my_data,
             node: node.to_owned(),
@@ -224,6 +228,11 @@ pub enum Rule {
     CrashedPrimaryBoth,
     /// 41: equal current after a crash and exactly one side is primary now: it is the source.
     PrimaryAfterCrash,
+    /// (40) equal current, and one side's machine went down with it: its copy lost what was
+    /// only in its page cache, so the other side is the source of everything.
+    RolledBack,
+    /// (40) both machines went down: the tie-break picks the source, of everything.
+    RolledBackBoth,
     /// 50: my current is the peer's bitmap generation.
     BitmapPeer,
     /// 51: the peer finished a resync to me (my current is its H0) but I never adopted it.
@@ -260,6 +269,8 @@ impl Rule {
             Self::CrashedPrimarySurvivor => "crashed-primary-survivor",
             Self::CrashedPrimaryBoth => "crashed-primary-both",
             Self::PrimaryAfterCrash => "primary-after-crash",
+            Self::RolledBack => "rolled-back",
+            Self::RolledBackBoth => "rolled-back-both",
             Self::BitmapPeer => "bitmap-peer",
             Self::SyncTargetMissedAdopt => "sync-target-missed-adopt",
             Self::HistoryPeer => "history-peer",
@@ -284,7 +295,11 @@ impl Rule {
             Self::SyncTargetPeerMissedFinish => 35,
             Self::SyncSourcePeerMissedFinish => 36,
             Self::SyncTargetMissedFinish => 37,
-            Self::Reconnected | Self::CrashedPrimarySurvivor | Self::CrashedPrimaryBoth => 40,
+            Self::Reconnected
+            | Self::CrashedPrimarySurvivor
+            | Self::CrashedPrimaryBoth
+            | Self::RolledBack
+            | Self::RolledBackBoth => 40,
             Self::PrimaryAfterCrash => 41,
             Self::BitmapPeer => 50,
             Self::SyncTargetMissedAdopt => 51,
@@ -397,6 +412,16 @@ fn equal_current(me: &Side, peer: &Side, s: &Masked, p: &Masked) -> (Strategy, R
             return (Strategy::TargetUseBitmap, Rule::SyncTargetPeerMissedFinish)
         }
         (false, true) => return (Strategy::TargetUseBitmap, Rule::SyncTargetMissedFinish),
+        _ => {}
+    }
+    // Neither knows which of its blocks went back with a lost page cache, so nothing short
+    // of every block restores identical copies; a copy that kept its cache wins.
+    match (me.rolled_back, peer.rolled_back) {
+        (true, false) => return (Strategy::TargetFullSync, Rule::RolledBack),
+        (false, true) => return (Strategy::SourceFullSync, Rule::RolledBack),
+        (true, true) if !me.crashed_primary && !peer.crashed_primary => {
+            return (toward(tie_break(me, peer), false), Rule::RolledBackBoth)
+        }
         _ => {}
     }
     if !me.crashed_primary && !peer.crashed_primary {
@@ -565,6 +590,9 @@ fn describe(s: &Side) -> String {
     if s.crashed_primary {
         flags.push("crashed-primary");
     }
+    if s.rolled_back {
+        flags.push("rolled-back");
+    }
     if s.discard_my_data {
         flags.push("discard-my-data");
     }
@@ -658,6 +686,8 @@ pub fn handshake(me: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Verdict {
             }
         };
 
+    // A copy that lost its page cache is made whole block by block, whichever way it goes.
+    let full = full || me.rolled_back || peer.rolled_back;
     let (source, target) = match direction {
         Direction::Source => (me, peer),
         Direction::Target => (peer, me),
@@ -1043,6 +1073,7 @@ mod tests {
             role: Role::Secondary,
             disk: DiskState::UpToDate,
             crashed_primary: false,
+            rolled_back: false,
             out_of_sync_bytes: 0,
             discard_my_data: false,
             node: node.to_owned(),
@@ -1056,6 +1087,12 @@ mod tests {
         }
         fn crashed(mut self) -> Self {
             self.crashed_primary = true;
+            self
+        }
+        /// Its machine went down with it: Outdated, as `Meta::open` leaves it.
+        fn rolled_back(mut self) -> Self {
+            self.rolled_back = true;
+            self.disk = DiskState::Outdated;
             self
         }
         fn disk(mut self, d: DiskState) -> Self {
@@ -1123,6 +1160,11 @@ mod tests {
             ("both crashed, beta second",  beta(g(A, 0, H, 0)).crashed(), alpha(g(A, 0, H, 0)).crashed(), TargetUseBitmap, Rule::CrashedPrimaryBoth, 40),
             ("crashed primary is primary again", alpha(g(A | P, 0, H, 0)).crashed().primary(), beta(g(A, 0, H, 0)), SourceUseBitmap, Rule::PrimaryAfterCrash, 41),
             ("survivor promoted, peer crashed",  alpha(g(A, 0, H, 0)), beta(g(A | P, 0, H, 0)).crashed().primary(), TargetUseBitmap, Rule::PrimaryAfterCrash, 41),
+            ("my machine went down",             alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)), TargetFullSync, Rule::RolledBack, 40),
+            ("peer's machine went down",         alpha(g(A, 0, H, 0)), beta(g(A, 0, H, 0)).rolled_back(), SourceFullSync, Rule::RolledBack, 40),
+            ("went down, peer crashed primary",  alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).crashed(), TargetFullSync, Rule::RolledBack, 40),
+            ("both went down",                   alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back(), SourceFullSync, Rule::RolledBackBoth, 40),
+            ("both went down, beta second",      beta(g(A, 0, H, 0)).rolled_back(), alpha(g(A, 0, H, 0)).rolled_back(), TargetFullSync, Rule::RolledBackBoth, 40),
             ("my current is peer's bitmap",      alpha(g(A, 0, H, 0)), beta(g(B | P, A, H, 0)), TargetUseBitmap, Rule::BitmapPeer, 50),
             ("peer finished, I never adopted",   alpha(g(A, 0, H, 0)), beta(g(B, 0, A, H)),     TargetUseBitmap, Rule::SyncTargetMissedAdopt, 51),
             ("my current in peer's H1",          alpha(g(A, 0, H, 0)), beta(g(B, 0, X, A)),     TargetFullSync, Rule::HistoryPeer, 60),
@@ -1162,6 +1204,8 @@ mod tests {
             Rule::CrashedPrimarySurvivor,
             Rule::CrashedPrimaryBoth,
             Rule::PrimaryAfterCrash,
+            Rule::RolledBack,
+            Rule::RolledBackBoth,
             Rule::BitmapPeer,
             Rule::SyncTargetMissedAdopt,
             Rule::HistoryPeer,
@@ -1190,6 +1234,29 @@ mod tests {
     }
 
     // ---------------------------------------------------------------- handshake
+
+    /// Found by the simulator: a secondary whose machine lost power came back UpToDate with
+    /// acknowledged writes gone from its page cache, and was chosen as the source.
+    #[test]
+    fn a_copy_that_lost_its_page_cache_is_resynced_whole_and_never_the_source_alone() {
+        // Equal generations; the survivor crashed as primary (killed, cache kept).
+        let lost = alpha(g(A, 0, H, 0)).rolled_back();
+        let kept = beta(g(A, 0, H, 0)).crashed().changes(4096);
+        for (me, peer, dir) in [
+            (&lost, &kept, Direction::Target),
+            (&kept, &lost, Direction::Source),
+        ] {
+            let v = handshake(me, peer, &default_policy());
+            assert_eq!(sync_of(&v), Some((dir, true)), "{v}");
+        }
+        // Behind the peer: the bitmap would name only the peer's changes, not what the cache
+        // took from this copy, so the resync is full.
+        let behind = alpha(g(A, 0, H, 0)).rolled_back();
+        let ahead = beta(g(B | P, A, H, 0)).primary().changes(8192);
+        let v = handshake(&behind, &ahead, &default_policy());
+        assert_eq!(sync_of(&v), Some((Direction::Target, true)), "{v}");
+        assert!(v.to_string().contains("rolled-back"), "{v}");
+    }
 
     #[test]
     fn plain_directions_follow_the_generations() {
@@ -1803,13 +1870,17 @@ mod tests {
             any::<bool>(),
             prop::sample::select(vec![0u64, 4096, 8192]),
             prop::bool::weighted(0.2),
+            prop::bool::weighted(0.15),
         )
             .prop_map(
-                |(gens, pri, disk, crashed_primary, out_of_sync_bytes, discard_my_data)| Side {
+                |(gens, pri, disk, crashed_primary, out_of_sync_bytes, discard_my_data, rb)| Side {
                     gens,
                     role: if pri { Role::Primary } else { Role::Secondary },
                     disk,
                     crashed_primary,
+                    // `Meta::open` sets it only on a copy without a bitmap generation, and a
+                    // rolled-back copy writes nothing alone until forced (which clears it).
+                    rolled_back: rb && gens.bitmap == 0,
                     out_of_sync_bytes,
                     discard_my_data,
                     node: String::new(),
@@ -1889,6 +1960,22 @@ mod tests {
                 Direction::Target => (peer, me),
             };
             prop_assert_ne!(source.disk, DiskState::Inconsistent, "{}", v);
+            // A copy that lost its page cache is resynced whole, either way.
+            if me.rolled_back || peer.rolled_back {
+                prop_assert!(*full, "{}", v);
+            }
+            // Between two consistent copies, one that kept its cache wins.
+            if source.rolled_back
+                && !target.rolled_back
+                && target.disk != DiskState::Inconsistent
+                && me.gens.current & !P == peer.gens.current & !P
+            {
+                prop_assert!(
+                    false,
+                    "a rolled-back copy overwrites one that is not: {}",
+                    v
+                );
+            }
             prop_assert!(
                 target.role == Role::Secondary || target.disk == DiskState::Inconsistent,
                 "{}",
@@ -1897,7 +1984,13 @@ mod tests {
             if basis.strategy.is_split_brain() {
                 match &basis.decided_by {
                     DecidedBy::Policy(_) => {
-                        prop_assert_eq!(*full, basis.strategy == St::SplitBrainDisconnect, "{}", v)
+                        let rolled_back = me.rolled_back || peer.rolled_back;
+                        prop_assert_eq!(
+                            *full,
+                            basis.strategy == St::SplitBrainDisconnect || rolled_back,
+                            "{}",
+                            v
+                        )
                     }
                     DecidedBy::DiscardMyData(_) | DecidedBy::DiskStates => {
                         prop_assert!(*full, "{}", v)

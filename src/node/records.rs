@@ -55,7 +55,9 @@ pub fn outdated(meta: &mut Meta, st: &mut State) -> (bool, Option<MetaError>) {
 /// failed.
 pub fn proven_current(meta: &mut Meta, st: &mut State) -> Result<bool, MetaError> {
     st.lapsed_in = None;
-    if st.disk() != DiskState::Outdated {
+    // A copy that lost its page cache is not proven by identity of generations: only the
+    // full resync that follows its next handshake makes it current.
+    if st.disk() != DiskState::Outdated || meta.superblock().flags.rolled_back {
         return Ok(false);
     }
     meta.update(|sb| sb.flags.outdated = false)?;
@@ -81,6 +83,7 @@ pub fn resync_done_as_target(
         sb.flags.consistent = true;
         sb.flags.outdated = disk == DiskState::Outdated;
         sb.flags.crashed_primary = false;
+        sb.flags.rolled_back = false;
     })?;
     st.resync_done_as_target(source);
     Ok(disk)
@@ -93,6 +96,8 @@ pub fn resync_done_as_source(meta: &mut Meta) -> Result<Generations, MetaError> 
     meta.update(|sb| {
         sb.gens.clear_bitmap();
         sb.flags.crashed_primary = false;
+        // Every block of the peer's copy is now this one's: nothing it lost is left there.
+        sb.flags.rolled_back = false;
     })?;
     Ok(meta.superblock().gens)
 }
@@ -144,6 +149,7 @@ pub fn forced_reference(meta: &mut Meta, st: &mut State, fresh: bool) -> Result<
         }
         sb.flags.consistent = true;
         sb.flags.outdated = false;
+        sb.flags.rolled_back = false;
     })?;
     meta.set_all_out_of_sync();
     meta.flush_bitmap()?;

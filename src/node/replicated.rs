@@ -150,7 +150,14 @@ impl<H: Host> ReplicatedStore<H> {
 
     /// The peer does not have `[offset, offset+len)`: make sure a new generation is on disk
     /// (DRBD's lazy bump: only when the bitmap generation is not already set), then mark.
-    fn degraded(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// Before the bump, the data disk is flushed: what both nodes acknowledged until now is
+    /// then durable here, so a copy with a bitmap generation is never rolled back by a power
+    /// loss in a range the peer holds (`Meta::open` trusts it; see `MetaFlags::rolled_back`).
+    async fn degraded(&self, offset: u64, len: u64) -> io::Result<()> {
+        let bitmap = self.node.meta().superblock().gens.bitmap;
+        if super::rules::needs_split_generation(bitmap) {
+            self.node.local().flush().await?;
+        }
         let was_primary = self.node.primary_when_peer_lost();
         let started =
             super::records::written_without_peer(&mut self.node.meta(), was_primary, offset, len)
@@ -227,7 +234,7 @@ impl<H: Host> ReplicatedStore<H> {
                 tracing::debug!("write at {offset} not acknowledged: {why}");
                 Err(io::Error::from_raw_os_error(libc::ESHUTDOWN))
             }
-            Ok(()) if peer != Replicated::Acked => self.degraded(offset, len).and(local),
+            Ok(()) if peer != Replicated::Acked => self.degraded(offset, len).await.and(local),
             Ok(()) => local,
         };
         // One metadata lock per write on the common path.

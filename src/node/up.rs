@@ -57,6 +57,13 @@ pub async fn up(
             if recovery.crashed_primary { "; this node crashed as primary" } else { "" }
         );
     }
+    if recovery.rolled_back {
+        tracing::warn!(
+            "the machine went down with this node running (the boot id changed): writes it \
+             acknowledged may have been lost with the page cache, so its copy is Outdated \
+             until a full resync from the peer (or tandem primary --force)"
+        );
+    }
     let mut local = store::open_store(backing, EngineChoice::Auto)
         .map_err(|e| format!("{}: {e}", me.disk.display()))?;
     if let (Some(path), Some(mut hangup)) = (fault_file, hangup) {

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::meta::Generations;
 use crate::state::{DiskState, Role};
 
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const FRAME_MAGIC: u32 = 0x544e_444d; // "TNDM"
 pub const HEADER_LEN: usize = 32;
 /// Largest body of any frame: a 32 MiB write plus slack; anything larger is garbage.
@@ -139,6 +139,8 @@ pub struct PeerState {
     pub disk: DiskState,
     pub gens: Generations,
     pub crashed_primary: bool,
+    /// See `MetaFlags::rolled_back`.
+    pub rolled_back: bool,
     pub out_of_sync_bytes: u64,
     pub discard_my_data: bool,
     /// The highest fencing epoch this node knows.
