@@ -49,6 +49,10 @@ pub enum Command {
         /// on SIGHUP.
         #[arg(long, value_name = "PATH", hide = true)]
         fault_file: Option<PathBuf>,
+        /// Testing: the boot id to compare with the one on record and to record, instead of
+        /// the kernel's (another one is a machine that went down and came back).
+        #[arg(long, value_name = "HEX", hide = true, value_parser = crate::meta::parse_boot_id)]
+        boot_id: Option<[u8; 16]>,
     },
     /// Show one node's view of the resource.
     Status {
@@ -260,14 +264,14 @@ pub fn run(cli: Cli) -> ExitCode {
                 res,
                 volatile_cache,
                 fault_file,
+                boot_id,
             } => {
-                crate::node::up::up(
-                    &res.cfg.config,
-                    &res.node,
+                let testing = crate::node::up::Testing {
                     volatile_cache,
-                    fault_file.as_deref(),
-                )
-                .await
+                    fault_file,
+                    boot_id,
+                };
+                crate::node::up::up(&res.cfg.config, &res.node, testing).await
             }
             Command::Status { res, json, watch } => status(&res, json, watch).await,
             Command::Events { res } => events(&res).await,

@@ -21,16 +21,24 @@ pub enum Mutation {
     /// A node promoted while its peer was in sync goes on alone when the link is lost
     /// during the promotion, without fencing the peer.
     PromotionFence,
+    /// A node does not notice that its machine went down (the boot id is ignored), so a copy
+    /// that lost its page cache comes back as current as it was.
+    PowerLossDetection,
+    /// No data flush before a copy becomes the source for another (the sync handshake, each
+    /// resync round, the first write without the peer).
+    SourceFlush,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 6] = [
+    pub const ALL: [Mutation; 8] = [
         Mutation::LeaseCheck,
         Mutation::LinkLossFencing,
         Mutation::UnflushedSet,
         Mutation::NewGeneration,
         Mutation::ActivityLog,
         Mutation::PromotionFence,
+        Mutation::PowerLossDetection,
+        Mutation::SourceFlush,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +49,8 @@ impl Mutation {
             Mutation::NewGeneration => "new-generation",
             Mutation::ActivityLog => "activity-log",
             Mutation::PromotionFence => "promotion-fence",
+            Mutation::PowerLossDetection => "power-loss-detection",
+            Mutation::SourceFlush => "source-flush",
         }
     }
 

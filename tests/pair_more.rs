@@ -354,6 +354,57 @@ fn writes_the_secondary_lost_in_a_crash_before_flushing_are_resynced() {
     p.assert_identical();
 }
 
+/// A secondary whose machine goes down (its page cache lost with writes it acknowledged)
+/// while the primary is killed (its page cache kept): before, the secondary came back
+/// UpToDate, the primary came back as a crashed primary, and the "survivor" overwrote the
+/// primary's activity-log extents with its older data. Now the secondary sees another boot
+/// id, comes back Outdated (not promotable), and is the target of a full resync.
+#[test]
+fn a_secondary_whose_machine_went_down_is_outdated_and_resynced_whole() {
+    const BOOT_1: &str = "11111111-1111-1111-1111-111111111111";
+    const BOOT_2: &str = "22222222-2222-2222-2222-222222222222";
+    let mut p = pair_without_periodic_peer_flush();
+    assert_eq!(p.stop("beta"), Some(0), "beta:\n{}", p.log("beta"));
+    p.up_with("beta", &["--volatile-cache", "--boot-id", BOOT_1]);
+    p.wait_in_sync(30);
+    let write = format!("h.pwrite(bytes([0x6b]) * {}, {})", 2 * M, 9 * M);
+    let out = common::nbdsh(&["-u", &p.uri("alpha"), "-c", &write]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Both at once: no node gets to notice the other's loss first.
+    p.kill9("alpha");
+    p.kill9("beta");
+    assert!(
+        !disk_has(&p, "beta", 9 * M, 2 * M, 0x6b),
+        "beta's lost cache took the write"
+    );
+    assert!(disk_has(&p, "alpha", 9 * M, 2 * M, 0x6b));
+
+    // beta's machine comes back: another boot id.
+    p.up_with("beta", &["--boot-id", BOOT_2]);
+    let s = p.status("beta");
+    assert_eq!(s["disk"], "Outdated", "{s}");
+    assert!(
+        p.log("beta").contains("the machine went down"),
+        "{}",
+        p.log("beta")
+    );
+    let refused = p.tandem("beta", &["primary"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+
+    // alpha, a crashed primary with its data, is the source of every block.
+    p.up("alpha");
+    p.wait_in_sync(60);
+    let log = p.log("beta");
+    assert!(
+        log.contains("become sync target (full)") && log.contains("rolled-back"),
+        "{log}"
+    );
+    assert_eq!(p.status("beta")["disk"], "UpToDate");
+    assert!(disk_has(&p, "beta", 9 * M, 2 * M, 0x6b));
+    stop_both(&mut p);
+    p.assert_identical();
+}
+
 /// A secondary stopped cleanly stops acknowledging, flushes its disk and only then says
 /// goodbye, so the primary forgets what it kept and marks nothing.
 #[test]

@@ -980,6 +980,8 @@ impl Sim {
                 if n.st.want_connect && n.link.is_none() && n.hs.is_none() && !n.promoting {
                     let conn = self.next_conn;
                     self.next_conn += 1;
+                    // `establish`: the data disk is flushed before the state is sent.
+                    self.source_flush(i);
                     let mine = self.nodes[i].peer_state();
                     let words = self.nodes[i].meta().bitmap_words().to_vec();
                     self.nodes[i].hs = Some(Hs {
@@ -1021,7 +1023,7 @@ impl Sim {
                     rs.stage = Stage::Pushing;
                     rs.cursor = 0;
                     // A new `resync_round`: flushed first.
-                    self.nodes[i].disk.flush();
+                    self.source_flush(i);
                     self.resync_step(i);
                 }
             }
@@ -1113,6 +1115,7 @@ impl Sim {
                     self.send(i, conn, Msg::Close);
                     return;
                 }
+                self.source_flush(i);
                 let mine = self.nodes[i].peer_state();
                 let words = self.nodes[i].meta().bitmap_words().to_vec();
                 self.send(
@@ -1362,9 +1365,16 @@ impl Sim {
         }
     }
 
+    /// The data flush before this copy may become another's source.
+    fn source_flush(&mut self, i: usize) {
+        if !mutation::active(Mutation::SourceFlush) {
+            self.nodes[i].disk.flush();
+        }
+    }
+
     fn start_resync(&mut self, i: usize, conn: u64) {
         // `resync.rs`, `resync_round`: the source's copy is made durable first.
-        self.nodes[i].disk.flush();
+        self.source_flush(i);
         self.nodes[i].resync = Some(Resync {
             conn,
             cursor: 0,
@@ -2075,10 +2085,8 @@ impl Sim {
         let b = self.nodes[i].writes[&seq].b;
         let was_primary = self.nodes[i].primary_when_peer_lost;
         // `replicated.rs`, `degraded`: the data disk is flushed before the generation starts.
-        if tandem::node::rules::needs_split_generation(
-            self.nodes[i].meta().superblock().gens.bitmap,
-        ) {
-            self.nodes[i].disk.flush();
+        if rules::needs_split_generation(self.nodes[i].meta().superblock().gens.bitmap) {
+            self.source_flush(i);
         }
         records::written_without_peer(self.nodes[i].meta(), was_primary, block_offset(b), BLOCK)
             .map_err(|_| ())?;

@@ -217,19 +217,24 @@ fn read_rest(path: &Path, file: &File, sb: &Superblock) -> Result<Loaded, MetaEr
 /// The kernel's boot id, which changes with every boot: how `open` tells a process that
 /// crashed from a machine that went down. Zero where the kernel has none (detection off).
 pub fn boot_id() -> [u8; 16] {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|t| parse_boot_id(&t).ok())
+        .unwrap_or([0; 16])
+}
+
+/// A boot id as the kernel writes it: 32 hex digits, dashes allowed.
+pub fn parse_boot_id(text: &str) -> Result<[u8; 16], String> {
+    let hex: Vec<u8> = text.trim().bytes().filter(|&c| c != b'-').collect();
+    if hex.len() != 32 || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return Err(format!("{text:?} is not a boot id (32 hex digits)"));
+    }
     let mut id = [0u8; 16];
-    let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
-        return id;
-    };
-    let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
-    if hex.len() != 32 {
-        return [0; 16];
-    }
     for (i, pair) in hex.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).unwrap_or("00");
-        id[i] = u8::from_str_radix(s, 16).unwrap_or(0);
+        let s = std::str::from_utf8(pair).expect("ASCII hex digits");
+        id[i] = u8::from_str_radix(s, 16).expect("hex digits");
     }
-    id
+    Ok(id)
 }
 
 fn oos_bytes(bitmap: &Bitmap, size: u64) -> u64 {
@@ -591,7 +596,9 @@ impl Meta {
             let (a, b) = extent_bits(e);
             bitmap.set_range(a, b, true);
         }
-        let rebooted = sb.boot_id != [0; 16] && sb.boot_id != boot;
+        let rebooted = sb.boot_id != [0; 16]
+            && sb.boot_id != boot
+            && !crate::mutation::active(crate::mutation::Mutation::PowerLossDetection);
         let recovery = Recovery {
             unclean,
             crashed_primary: unclean && sb.flags.was_primary,

@@ -37,7 +37,7 @@ pub mod superblock;
 mod tests;
 
 pub use error::MetaError;
-pub use file::{dump_file, Meta, MetaStats, Recovery, MAX_RUN};
+pub use file::{boot_id, dump_file, parse_boot_id, Meta, MetaStats, Recovery, MAX_RUN};
 pub use gen::Generations;
 pub use superblock::{
     Layout, MetaFlags, Superblock, BYTES_PER_BIT, DEFAULT_AL_EXTENTS, EXTENT_SHIFT, EXTENT_SIZE,

@@ -231,7 +231,8 @@ pub enum Rule {
     /// (40) equal current, and one side's machine went down with it: its copy lost what was
     /// only in its page cache, so the other side is the source of everything.
     RolledBack,
-    /// (40) both machines went down: the tie-break picks the source, of everything.
+    /// (40) both machines went down: the one with out-of-sync bits is the source (else the
+    /// one that crashed as primary, else the tie-break), of everything.
     RolledBackBoth,
     /// 50: my current is the peer's bitmap generation.
     BitmapPeer,
@@ -419,8 +420,28 @@ fn equal_current(me: &Side, peer: &Side, s: &Masked, p: &Masked) -> (Strategy, R
     match (me.rolled_back, peer.rolled_back) {
         (true, false) => return (Strategy::TargetFullSync, Rule::RolledBack),
         (false, true) => return (Strategy::SourceFullSync, Rule::RolledBack),
-        (true, true) if !me.crashed_primary && !peer.crashed_primary => {
-            return (toward(tie_break(me, peer), false), Rule::RolledBackBoth)
+        (true, true) => {
+            // Both lost power. A flush acknowledged while the peer was away is durable only on
+            // the primary that acknowledged it, and that primary marked what the peer lacks:
+            // the side with out-of-sync bits is the source, else the one that crashed as
+            // primary, else the tie-break.
+            let (mine, theirs) = (me.out_of_sync_bytes > 0, peer.out_of_sync_bytes > 0);
+            let d = if mine != theirs {
+                if mine {
+                    Direction::Source
+                } else {
+                    Direction::Target
+                }
+            } else if me.crashed_primary != peer.crashed_primary {
+                if me.crashed_primary {
+                    Direction::Source
+                } else {
+                    Direction::Target
+                }
+            } else {
+                tie_break(me, peer)
+            };
+            return (toward(d, false), Rule::RolledBackBoth);
         }
         _ => {}
     }
@@ -1165,6 +1186,8 @@ mod tests {
             ("went down, peer crashed primary",  alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).crashed(), TargetFullSync, Rule::RolledBack, 40),
             ("both went down",                   alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back(), SourceFullSync, Rule::RolledBackBoth, 40),
             ("both went down, beta second",      beta(g(A, 0, H, 0)).rolled_back(), alpha(g(A, 0, H, 0)).rolled_back(), TargetFullSync, Rule::RolledBackBoth, 40),
+            ("both went down, beta was primary", alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back().crashed(), TargetFullSync, Rule::RolledBackBoth, 40),
+            ("both went down, beta marked",      alpha(g(A, 0, H, 0)).rolled_back().crashed(), beta(g(A, 0, H, 0)).rolled_back().changes(4096), TargetFullSync, Rule::RolledBackBoth, 40),
             ("my current is peer's bitmap",      alpha(g(A, 0, H, 0)), beta(g(B | P, A, H, 0)), TargetUseBitmap, Rule::BitmapPeer, 50),
             ("peer finished, I never adopted",   alpha(g(A, 0, H, 0)), beta(g(B, 0, A, H)),     TargetUseBitmap, Rule::SyncTargetMissedAdopt, 51),
             ("my current in peer's H1",          alpha(g(A, 0, H, 0)), beta(g(B, 0, X, A)),     TargetFullSync, Rule::HistoryPeer, 60),

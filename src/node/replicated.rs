@@ -155,7 +155,8 @@ impl<H: Host> ReplicatedStore<H> {
     /// loss in a range the peer holds (`Meta::open` trusts it; see `MetaFlags::rolled_back`).
     async fn degraded(&self, offset: u64, len: u64) -> io::Result<()> {
         let bitmap = self.node.meta().superblock().gens.bitmap;
-        if super::rules::needs_split_generation(bitmap) {
+        let skip = crate::mutation::active(crate::mutation::Mutation::SourceFlush);
+        if super::rules::needs_split_generation(bitmap) && !skip {
             self.node.local().flush().await?;
         }
         let was_primary = self.node.primary_when_peer_lost();

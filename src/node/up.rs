@@ -1,6 +1,6 @@
 //! `tandem up`: run one node of the pair in the foreground until SIGTERM/SIGINT.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
@@ -15,12 +15,24 @@ use crate::meta::Meta;
 use crate::nbd::{self, Listener};
 use crate::store::{self, BackingOptions, EngineChoice, FaultRule, FaultStore, SharedStore};
 
-pub async fn up(
-    config: &Path,
-    name: &str,
-    volatile_cache: bool,
-    fault_file: Option<&Path>,
-) -> Result<(), Failure> {
+/// `up`'s hidden testing options.
+#[derive(Debug, Default)]
+pub struct Testing {
+    /// Writes held in memory until a flush: a kill -9 loses them as an OS crash would.
+    pub volatile_cache: bool,
+    /// Storage and metadata faults, from this file (reloaded on SIGHUP).
+    pub fault_file: Option<PathBuf>,
+    /// The boot id instead of the kernel's.
+    pub boot_id: Option<[u8; 16]>,
+}
+
+pub async fn up(config: &Path, name: &str, testing: Testing) -> Result<(), Failure> {
+    let Testing {
+        volatile_cache,
+        fault_file,
+        boot_id,
+    } = testing;
+    let fault_file = fault_file.as_deref();
     // With a fault file, SIGHUP reloads it; its handler goes in first, so a SIGHUP sent
     // while the node is still starting does not kill it (the default action).
     let hangup = match fault_file {
@@ -45,7 +57,8 @@ pub async fn up(
         .file
         .sync_data()
         .map_err(|e| format!("{}: flushing the data disk: {e}", me.disk.display()))?;
-    let mut meta = Meta::open(&me.meta, &cfg.resource.name, &me.name, size)
+    let boot = boot_id.unwrap_or_else(crate::meta::boot_id);
+    let mut meta = Meta::open_booted(&me.meta, &cfg.resource.name, &me.name, size, boot)
         .map_err(|e| Failure::error(e.to_string()))?;
     let recovery = meta.recovery();
     if recovery.unclean {
