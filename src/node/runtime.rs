@@ -263,6 +263,17 @@ impl Node {
         self.changed.subscribe()
     }
 
+    /// Flush the data disk before this copy may become another's source. A failure is only
+    /// logged: a disk whose flush fails still sends what it reads (the resync is its help).
+    pub(super) async fn flush_as_source(&self, before: &str) {
+        if crate::mutation::active(crate::mutation::Mutation::SourceFlush) {
+            return;
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::warn!("flushing the data disk before {before} failed: {e}");
+        }
+    }
+
     pub fn my_peer_state(&self) -> PeerState {
         let st = self.state();
         let meta = self.meta();
