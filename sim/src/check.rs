@@ -71,6 +71,15 @@ impl Expect {
         self.blocks.iter().map(|h| h.acked).collect()
     }
 
+    /// What the copies hold at least when they are in sync: the latest acknowledged write,
+    /// or, where a crash already lost it, the flushed one.
+    pub fn sync_snapshot(&self) -> Vec<usize> {
+        self.blocks
+            .iter()
+            .map(|h| if h.widened { h.floor } else { h.acked })
+            .collect()
+    }
+
     /// An operator's split-brain resolution discarded one side's writes since `snap` (the
     /// acknowledged writes when the forced promotion split the copies): any of them, or
     /// what was there before, may be what the block holds now.

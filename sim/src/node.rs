@@ -452,6 +452,7 @@ impl Node {
             gens: sb.gens,
             crashed_primary: sb.flags.crashed_primary,
             rolled_back: sb.flags.rolled_back,
+            peer_unflushed: sb.flags.peer_unflushed,
             out_of_sync_bytes: m.out_of_sync_bytes(),
             discard_my_data: self.st.discard_my_data,
             epoch: sb.epoch,
@@ -1248,7 +1249,7 @@ impl Sim {
         let oos = self.nodes[i].meta().out_of_sync_bytes();
         self.nodes[i].st.handshake_done(c, oos);
         if c == Conn::Connected && oos == 0 {
-            self.sync_snap = self.expect.flush_snapshot();
+            self.sync_snap = self.expect.sync_snapshot();
         }
         self.log(format!("{me}: connected as {}", c.as_str()));
         if c == Conn::Connected && peer_up {
@@ -1475,7 +1476,7 @@ impl Sim {
             self.lose_link(i, "recording the finished resync failed");
             return;
         };
-        self.sync_snap = self.expect.flush_snapshot();
+        self.sync_snap = self.expect.sync_snapshot();
         self.log(format!(
             "{}: resync finished as target: {}",
             NAMES[i],

@@ -102,9 +102,13 @@ pub struct MetaFlags {
     /// shutdown): writes it acknowledged may have been lost with the page cache, and it
     /// cannot tell which. Set with `outdated`; cleared by the full resync that follows.
     pub rolled_back: bool,
+    /// The link was lost while the peer had not flushed writes this node acknowledged (they
+    /// are marked out of sync): flushes this node acknowledged since may be durable only
+    /// here. Cleared when a resync ends.
+    pub peer_unflushed: bool,
 }
 
-const FLAG_BITS: [(u32, &str); 9] = [
+const FLAG_BITS: [(u32, &str); 10] = [
     (1 << 0, "consistent"),
     (1 << 1, "was_up_to_date"),
     (1 << 2, "was_primary"),
@@ -114,10 +118,11 @@ const FLAG_BITS: [(u32, &str); 9] = [
     (1 << 6, "full_sync"),
     (1 << 7, "outdated"),
     (1 << 8, "rolled_back"),
+    (1 << 9, "peer_unflushed"),
 ];
 
 impl MetaFlags {
-    fn fields(&self) -> [bool; 9] {
+    fn fields(&self) -> [bool; 10] {
         [
             self.consistent,
             self.was_up_to_date,
@@ -128,6 +133,7 @@ impl MetaFlags {
             self.full_sync,
             self.outdated,
             self.rolled_back,
+            self.peer_unflushed,
         ]
     }
 
@@ -156,6 +162,7 @@ impl MetaFlags {
             full_sync: on(6),
             outdated: on(7),
             rolled_back: on(8),
+            peer_unflushed: on(9),
         })
     }
 
@@ -440,12 +447,12 @@ mod tests {
 
     #[test]
     fn flags_bits_round_trip() {
-        for bits in 0..(1u32 << 9) {
+        for bits in 0..(1u32 << 10) {
             let f = MetaFlags::from_bits(bits).unwrap();
             assert_eq!(f.to_bits(), bits);
             assert_eq!(f.names().len(), bits.count_ones() as usize);
         }
-        assert_eq!(MetaFlags::from_bits(1 << 9), None);
+        assert_eq!(MetaFlags::from_bits(1 << 10), None);
     }
 
     #[test]

@@ -74,6 +74,11 @@ pub struct Side {
     /// Its machine went down with it (power loss, OS crash): acknowledged writes may be
     /// missing from its copy, and it cannot tell which.
     pub rolled_back: bool,
+    /// It lost its link while the peer had not flushed writes it acknowledged (see
+    /// `MetaFlags::peer_unflushed`).
+    pub peer_unflushed: bool,
+    /// The highest fencing epoch it knows (a crashed primary's is the one it served in).
+    pub epoch: u64,
     /// Dirty bitmap bytes ("changes" for discard-least-changes / discard-zero-changes).
     pub out_of_sync_bytes: u64,
     /// The operator asked `connect --discard-my-data`.
@@ -91,6 +96,8 @@ impl Side {
             disk: s.disk,
             crashed_primary: s.crashed_primary,
             rolled_back: s.rolled_back,
+            peer_unflushed: s.peer_unflushed,
+            epoch: s.epoch,
             out_of_sync_bytes: s.out_of_sync_bytes,
             discard_my_data: s.discard_my_data,
             node: node.to_owned(),
@@ -231,8 +238,8 @@ pub enum Rule {
     /// (40) equal current, and one side's machine went down with it: its copy lost what was
     /// only in its page cache, so the other side is the source of everything.
     RolledBack,
-    /// (40) both machines went down: the one with out-of-sync bits is the source (else the
-    /// one that crashed as primary, else the tie-break), of everything.
+    /// (40) both machines went down: the one that kept flushes its peer lacked is the source
+    /// (see `compare`), of everything.
     RolledBackBoth,
     /// 50: my current is the peer's bitmap generation.
     BitmapPeer,
@@ -422,24 +429,22 @@ fn equal_current(me: &Side, peer: &Side, s: &Masked, p: &Masked) -> (Strategy, R
         (false, true) => return (Strategy::SourceFullSync, Rule::RolledBack),
         (true, true) => {
             // Both lost power. A flush acknowledged while the peer was away is durable only on
-            // the primary that acknowledged it, and that primary marked what the peer lacks:
-            // the side with out-of-sync bits is the source, else the one that crashed as
-            // primary, else the tie-break.
-            let (mine, theirs) = (me.out_of_sync_bytes > 0, peer.out_of_sync_bytes > 0);
-            let d = if mine != theirs {
-                if mine {
-                    Direction::Source
+            // the primary that acknowledged it. That side is the source: the one that
+            // recorded the peer had writes it had not flushed, else the one that crashed as
+            // primary in the later epoch, else the side with out-of-sync bits, else the
+            // tie-break.
+            let key = |s: &Side| {
+                let primary_in = if s.crashed_primary {
+                    Some(s.epoch)
                 } else {
-                    Direction::Target
-                }
-            } else if me.crashed_primary != peer.crashed_primary {
-                if me.crashed_primary {
-                    Direction::Source
-                } else {
-                    Direction::Target
-                }
-            } else {
-                tie_break(me, peer)
+                    None
+                };
+                (s.peer_unflushed, primary_in, s.out_of_sync_bytes > 0)
+            };
+            let d = match key(me).cmp(&key(peer)) {
+                std::cmp::Ordering::Greater => Direction::Source,
+                std::cmp::Ordering::Less => Direction::Target,
+                std::cmp::Ordering::Equal => tie_break(me, peer),
             };
             return (toward(d, false), Rule::RolledBackBoth);
         }
@@ -613,6 +618,9 @@ fn describe(s: &Side) -> String {
     }
     if s.rolled_back {
         flags.push("rolled-back");
+    }
+    if s.peer_unflushed {
+        flags.push("peer-unflushed");
     }
     if s.discard_my_data {
         flags.push("discard-my-data");
@@ -1095,6 +1103,8 @@ mod tests {
             disk: DiskState::UpToDate,
             crashed_primary: false,
             rolled_back: false,
+            peer_unflushed: false,
+            epoch: 0,
             out_of_sync_bytes: 0,
             discard_my_data: false,
             node: node.to_owned(),
@@ -1108,6 +1118,15 @@ mod tests {
         }
         fn crashed(mut self) -> Self {
             self.crashed_primary = true;
+            self
+        }
+        fn in_epoch(mut self, e: u64) -> Self {
+            self.epoch = e;
+            self
+        }
+        /// It lost its link while the peer had not flushed some of its writes.
+        fn unflushed_peer(mut self) -> Self {
+            self.peer_unflushed = true;
             self
         }
         /// Its machine went down with it: Outdated, as `Meta::open` leaves it.
@@ -1187,7 +1206,9 @@ mod tests {
             ("both went down",                   alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back(), SourceFullSync, Rule::RolledBackBoth, 40),
             ("both went down, beta second",      beta(g(A, 0, H, 0)).rolled_back(), alpha(g(A, 0, H, 0)).rolled_back(), TargetFullSync, Rule::RolledBackBoth, 40),
             ("both went down, beta was primary", alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back().crashed(), TargetFullSync, Rule::RolledBackBoth, 40),
-            ("both went down, beta marked",      alpha(g(A, 0, H, 0)).rolled_back().crashed(), beta(g(A, 0, H, 0)).rolled_back().changes(4096), TargetFullSync, Rule::RolledBackBoth, 40),
+            ("both went down, beta was primary later", alpha(g(A, 0, H, 0)).rolled_back().crashed().changes(4096), beta(g(A, 0, H, 0)).rolled_back().crashed().in_epoch(2), TargetFullSync, Rule::RolledBackBoth, 40),
+            ("both went down, beta marked",      alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back().changes(4096), TargetFullSync, Rule::RolledBackBoth, 40),
+            ("both went down, beta kept flushes", alpha(g(A, 0, H, 0)).rolled_back().changes(4096), beta(g(A, 0, H, 0)).rolled_back().unflushed_peer(), TargetFullSync, Rule::RolledBackBoth, 40),
             ("my current is peer's bitmap",      alpha(g(A, 0, H, 0)), beta(g(B | P, A, H, 0)), TargetUseBitmap, Rule::BitmapPeer, 50),
             ("peer finished, I never adopted",   alpha(g(A, 0, H, 0)), beta(g(B, 0, A, H)),     TargetUseBitmap, Rule::SyncTargetMissedAdopt, 51),
             ("my current in peer's H1",          alpha(g(A, 0, H, 0)), beta(g(B, 0, X, A)),     TargetFullSync, Rule::HistoryPeer, 60),
@@ -1894,19 +1915,24 @@ mod tests {
             prop::sample::select(vec![0u64, 4096, 8192]),
             prop::bool::weighted(0.2),
             prop::bool::weighted(0.15),
+            prop::bool::weighted(0.15),
         )
             .prop_map(
-                |(gens, pri, disk, crashed_primary, out_of_sync_bytes, discard_my_data, rb)| Side {
-                    gens,
-                    role: if pri { Role::Primary } else { Role::Secondary },
-                    disk,
-                    crashed_primary,
-                    // `Meta::open` sets it only on a copy without a bitmap generation, and a
-                    // rolled-back copy writes nothing alone until forced (which clears it).
-                    rolled_back: rb && gens.bitmap == 0,
-                    out_of_sync_bytes,
-                    discard_my_data,
-                    node: String::new(),
+                |(gens, pri, disk, crashed_primary, out_of_sync_bytes, discard_my_data, rb, pu)| {
+                    Side {
+                        gens,
+                        role: if pri { Role::Primary } else { Role::Secondary },
+                        disk,
+                        crashed_primary,
+                        // `Meta::open` sets it only on a copy without a bitmap generation, and a
+                        // rolled-back copy writes nothing alone until forced (which clears it).
+                        rolled_back: rb && gens.bitmap == 0,
+                        peer_unflushed: pu,
+                        epoch: 0,
+                        out_of_sync_bytes,
+                        discard_my_data,
+                        node: String::new(),
+                    }
                 },
             )
     }

@@ -84,6 +84,7 @@ pub fn resync_done_as_target(
         sb.flags.outdated = disk == DiskState::Outdated;
         sb.flags.crashed_primary = false;
         sb.flags.rolled_back = false;
+        sb.flags.peer_unflushed = false;
     })?;
     st.resync_done_as_target(source);
     Ok(disk)
@@ -96,8 +97,10 @@ pub fn resync_done_as_source(meta: &mut Meta) -> Result<Generations, MetaError> 
     meta.update(|sb| {
         sb.gens.clear_bitmap();
         sb.flags.crashed_primary = false;
-        // Every block of the peer's copy is now this one's: nothing it lost is left there.
+        // Every block of the peer's copy is now this one's: nothing it lost is left there,
+        // and nothing it had not flushed.
         sb.flags.rolled_back = false;
+        sb.flags.peer_unflushed = false;
     })?;
     Ok(meta.superblock().gens)
 }
@@ -125,7 +128,11 @@ pub fn unflushed_lost(meta: &mut Meta, ranges: &[(u64, u64)]) -> Result<(), Meta
     for &(offset, len) in ranges {
         meta.mark_out_of_sync(offset, len);
     }
-    meta.flush_bitmap()
+    meta.flush_bitmap()?;
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    meta.update(|sb| sb.flags.peer_unflushed = true)
 }
 
 /// The handshake made this node the sync target: its copy is Inconsistent on disk before it

@@ -141,6 +141,8 @@ pub struct PeerState {
     pub crashed_primary: bool,
     /// See `MetaFlags::rolled_back`.
     pub rolled_back: bool,
+    /// See `MetaFlags::peer_unflushed`.
+    pub peer_unflushed: bool,
     pub out_of_sync_bytes: u64,
     pub discard_my_data: bool,
     /// The highest fencing epoch this node knows.
