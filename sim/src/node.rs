@@ -1786,10 +1786,14 @@ impl Sim {
     /// primary, the one with the older epoch) discards its data; both reconnect.
     fn resolve_split_brain(&mut self) {
         let prim = (0..2).find(|&i| self.nodes[i].up && self.nodes[i].st.role() == Role::Primary);
-        let victim = match prim {
-            Some(p) => 1 - p,
-            None if self.nodes[0].epoch() < self.nodes[1].epoch() => 0,
-            None => 1,
+        // An Inconsistent copy has nothing to keep (the refusal says so).
+        let garbage = (0..2)
+            .find(|&i| self.nodes[i].up && self.nodes[i].st.disk() == DiskState::Inconsistent);
+        let victim = match (garbage, prim) {
+            (Some(g), _) if self.nodes[1 - g].st.disk() != DiskState::Inconsistent => g,
+            (_, Some(p)) => 1 - p,
+            (_, None) if self.nodes[0].epoch() < self.nodes[1].epoch() => 0,
+            (_, None) => 1,
         };
         self.log(format!(
             "operator: connect --discard-my-data on {}, connect on {}",

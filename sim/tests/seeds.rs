@@ -22,9 +22,12 @@ fn options(mutation: Option<Mutation>) -> Options {
 
 /// Seeds `first..end` on two threads; the failing outcomes, or only the first with `stop`.
 fn seeds(first: u64, end: u64, mutation: Option<Mutation>, stop: bool) -> Vec<Outcome> {
+    seeds_with(first, end, &options(mutation), stop)
+}
+
+fn seeds_with(first: u64, end: u64, opts: &Options, stop: bool) -> Vec<Outcome> {
     let next = AtomicU64::new(first);
     let failed = Mutex::new(Vec::new());
-    let opts = options(mutation);
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| loop {
@@ -32,7 +35,7 @@ fn seeds(first: u64, end: u64, mutation: Option<Mutation>, stop: bool) -> Vec<Ou
                 if seed >= end {
                     return;
                 }
-                let o = run(seed, &opts);
+                let o = run(seed, opts);
                 if !o.violations.is_empty() {
                     if stop {
                         next.store(end, Ordering::SeqCst);
@@ -56,6 +59,28 @@ fn two_thousand_seeds_hold_every_invariant() {
         }
         panic!(
             "{} of 2000 seeds failed; seed {}: {} (rerun: tandem-sim --seed {})",
+            failed.len(),
+            o.seed,
+            o.violations[0],
+            o.seed
+        );
+    }
+}
+
+/// Metadata writes failing with EIO as well (`--meta-eio`): 1,000 seeds.
+#[test]
+fn a_thousand_seeds_with_failing_metadata_writes_hold_every_invariant() {
+    let opts = Options {
+        meta_eio: true,
+        ..options(None)
+    };
+    let failed = seeds_with(1, 1001, &opts, false);
+    if let Some(o) = failed.first() {
+        for l in &o.trace {
+            eprintln!("{l}");
+        }
+        panic!(
+            "{} of 1000 seeds failed; seed {}: {} (rerun: tandem-sim --seed {} --meta-eio)",
             failed.len(),
             o.seed,
             o.violations[0],

@@ -664,8 +664,17 @@ pub fn handshake(me: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Verdict {
     if me.node == peer.node {
         return refuse(format!("the peer claims my node name {:?}", me.node));
     }
-    if strategy == Strategy::Unrelated {
-        return refuse("unrelated data: the two sides share no generation".to_owned());
+    // An Inconsistent copy holds nothing worth keeping, so the operator may have it take
+    // every block even from a side it shares no generation with (a target that could not
+    // record the end of several resyncs in a row falls out of the source's history).
+    let discards_garbage = |s: &Side| s.discard_my_data && s.disk == DiskState::Inconsistent;
+    let unrelated = strategy == Strategy::Unrelated;
+    if unrelated && !(discards_garbage(me) || discards_garbage(peer)) {
+        return refuse(
+            "unrelated data: the two sides share no generation (an Inconsistent side can take \
+             a full sync with connect --discard-my-data)"
+                .to_owned(),
+        );
     }
     if me.discard_my_data && peer.discard_my_data {
         return refuse("both sides asked to discard their data (--discard-my-data)".to_owned());
@@ -682,7 +691,7 @@ pub fn handshake(me: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Verdict {
             };
             (
                 d,
-                strategy.is_full() || strategy.is_split_brain(),
+                strategy.is_full() || strategy.is_split_brain() || unrelated,
                 DecidedBy::DiskStates,
             )
         } else if strategy.is_split_brain() {
@@ -1406,6 +1415,26 @@ mod tests {
                 &beta(g(B, 0, X, 0)).disk(DiskState::Inconsistent),
                 &pol,
             ),
+            "unrelated data",
+        );
+        // ... unless the Inconsistent side discards its data: a full sync to it.
+        let v = handshake(
+            &alpha(g(A, 0, H, 0)),
+            &beta(g(B, 0, X, 0)).disk(DiskState::Inconsistent).discard(),
+            &pol,
+        );
+        assert_eq!(sync_of(&v), Some((Direction::Source, true)), "{v}");
+        // Not a consistent side that discards, nor a discard on the consistent side.
+        refused(
+            handshake(
+                &alpha(g(A, 0, H, 0)).discard(),
+                &beta(g(B, 0, X, 0)).disk(DiskState::Inconsistent),
+                &pol,
+            ),
+            "unrelated data",
+        );
+        refused(
+            handshake(&alpha(g(A, 0, H, 0)), &beta(g(B, 0, X, 0)).discard(), &pol),
             "unrelated data",
         );
         // Both asked to discard their data.
