@@ -50,21 +50,45 @@ fn seeds_with(first: u64, end: u64, opts: &Options, stop: bool) -> Vec<Outcome> 
     f
 }
 
-#[test]
-fn two_thousand_seeds_hold_every_invariant() {
-    let failed = seeds(1, 2001, None, false);
+/// Fails with the first failing seed's trace and how to replay it (`flags` for the CLI).
+fn none_failed(failed: &[Outcome], of: u64, flags: &str) {
     if let Some(o) = failed.first() {
         for l in &o.trace {
             eprintln!("{l}");
         }
         panic!(
-            "{} of 2000 seeds failed; seed {}: {} (rerun: tandem-sim --seed {})",
+            "{} of {of} seeds failed; seed {}: {} (rerun: tandem-sim --seed {}{flags})",
             failed.len(),
             o.seed,
             o.violations[0],
             o.seed
         );
     }
+}
+
+/// `seed` holds every invariant with `opts`, and loses an acknowledged write without `m`.
+fn caught_at(seed: u64, opts: impl Fn(Option<Mutation>) -> Options, m: Mutation) {
+    let fixed = run(seed, &opts(None));
+    assert!(
+        fixed.violations.is_empty(),
+        "{seed}: {:?}",
+        fixed.violations
+    );
+    let broken = run(seed, &opts(Some(m)));
+    assert!(
+        broken
+            .violations
+            .iter()
+            .any(|v| v.contains("lost acknowledged write")),
+        "{seed} without {}: {:?}",
+        m.name(),
+        broken.violations
+    );
+}
+
+#[test]
+fn two_thousand_seeds_hold_every_invariant() {
+    none_failed(&seeds(1, 2001, None, false), 2000, "");
 }
 
 /// Metadata writes failing with EIO as well (`--meta-eio`): 1,000 seeds.
@@ -74,19 +98,7 @@ fn a_thousand_seeds_with_failing_metadata_writes_hold_every_invariant() {
         meta_eio: true,
         ..options(None)
     };
-    let failed = seeds_with(1, 1001, &opts, false);
-    if let Some(o) = failed.first() {
-        for l in &o.trace {
-            eprintln!("{l}");
-        }
-        panic!(
-            "{} of 1000 seeds failed; seed {}: {} (rerun: tandem-sim --seed {} --meta-eio)",
-            failed.len(),
-            o.seed,
-            o.violations[0],
-            o.seed
-        );
-    }
+    none_failed(&seeds_with(1, 1001, &opts, false), 1000, " --meta-eio");
 }
 
 /// Each mechanism whose loss the simulator sees: the first failing seed is found within the
@@ -119,18 +131,7 @@ fn a_promotion_that_lost_its_peer_on_the_way_fences_it() {
         power_loss: false,
         ..options(m)
     };
-    let seed = 194746;
-    let fixed = run(seed, &without_power_loss(None));
-    assert!(fixed.violations.is_empty(), "{:?}", fixed.violations);
-    let broken = run(seed, &without_power_loss(Some(Mutation::PromotionFence)));
-    assert!(
-        broken
-            .violations
-            .iter()
-            .any(|v| v.contains("lost acknowledged write")),
-        "{:?}",
-        broken.violations
-    );
+    caught_at(194746, without_power_loss, Mutation::PromotionFence);
 }
 
 /// Two rarer catches, each pinned to its first seed: without the data flush before a copy
@@ -138,24 +139,8 @@ fn a_promotion_that_lost_its_peer_on_the_way_fences_it() {
 /// link was lost, an acknowledged write is lost after power losses.
 #[test]
 fn removing_a_flush_or_the_unflushed_set_is_caught_at_its_seed() {
-    for (seed, m) in [(1200, Mutation::SourceFlush), (441, Mutation::UnflushedSet)] {
-        let fixed = run(seed, &options(None));
-        assert!(
-            fixed.violations.is_empty(),
-            "{seed}: {:?}",
-            fixed.violations
-        );
-        let broken = run(seed, &options(Some(m)));
-        assert!(
-            broken
-                .violations
-                .iter()
-                .any(|v| v.contains("lost acknowledged write")),
-            "{seed} without {}: {:?}",
-            m.name(),
-            broken.violations
-        );
-    }
+    caught_at(1200, options, Mutation::SourceFlush);
+    caught_at(441, options, Mutation::UnflushedSet);
 }
 
 #[test]
