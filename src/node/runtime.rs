@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
@@ -429,6 +429,12 @@ impl Node {
     pub async fn demote(self: &Arc<Self>) -> Result<String, Failure> {
         if self.role() == Role::Secondary {
             return Ok("already secondary".into());
+        }
+        // A client that has just hung up (qemu-io has exited) may not be counted out yet:
+        // give closing connections a moment, woken by the count rather than polled.
+        if let Some(count) = self.nbd_clients.get() {
+            let mut count = count.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(1), count.wait_for(|n| *n == 0)).await;
         }
         let clients = self.nbd_clients();
         if clients > 0 {
