@@ -1223,6 +1223,7 @@ pub fn peer_messages() -> Vec<peer::Message> {
             out_of_sync_bytes: 1 << 20,
             discard_my_data: false,
             epoch: 7,
+            primary_epoch: 7,
         }),
         Message::State(PeerState {
             role: Role::Secondary,
@@ -1234,6 +1235,7 @@ pub fn peer_messages() -> Vec<peer::Message> {
             out_of_sync_bytes: 0,
             discard_my_data: true,
             epoch: 0,
+            primary_epoch: 0,
         }),
         Message::Bitmap {
             first: 3,
@@ -1503,6 +1505,7 @@ fn seeds_meta() -> Vec<(String, Vec<u8>)> {
         al_extents: DEFAULT_AL_EXTENTS,
         md_id: SEED_MD_ID,
         boot_id: [0; 16],
+        primary_epoch: 0,
     };
     let running = Superblock {
         gens: Generations {
@@ -1517,6 +1520,7 @@ fn seeds_meta() -> Vec<(String, Vec<u8>)> {
             ..Default::default()
         },
         epoch: 9,
+        primary_epoch: 8,
         al_extents: 6161,
         size: 4 << 40,
         node: "β-node".into(),

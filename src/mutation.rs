@@ -27,10 +27,16 @@ pub enum Mutation {
     /// No data flush before a copy becomes the source for another (the sync handshake, each
     /// resync round, the first write without the peer).
     SourceFlush,
+    /// A superblock write whose fdatasync failed is not written back: the file keeps the
+    /// new block while memory keeps the old.
+    SuperblockWriteBack,
+    /// When both machines went down, the epoch each side was last promoted in is ignored:
+    /// the side that crashed as primary wins over one promoted later that stepped down.
+    PrimaryEpoch,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 8] = [
+    pub const ALL: [Mutation; 10] = [
         Mutation::LeaseCheck,
         Mutation::LinkLossFencing,
         Mutation::UnflushedSet,
@@ -39,6 +45,8 @@ impl Mutation {
         Mutation::PromotionFence,
         Mutation::PowerLossDetection,
         Mutation::SourceFlush,
+        Mutation::SuperblockWriteBack,
+        Mutation::PrimaryEpoch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +59,8 @@ impl Mutation {
             Mutation::PromotionFence => "promotion-fence",
             Mutation::PowerLossDetection => "power-loss-detection",
             Mutation::SourceFlush => "source-flush",
+            Mutation::SuperblockWriteBack => "superblock-write-back",
+            Mutation::PrimaryEpoch => "primary-epoch",
         }
     }
 

@@ -444,19 +444,7 @@ impl Node {
     }
 
     fn peer_state(&self) -> PeerState {
-        let m = self.meta.as_ref().expect("running");
-        let sb = m.superblock();
-        PeerState {
-            role: self.st.role(),
-            disk: self.st.disk(),
-            gens: sb.gens,
-            crashed_primary: sb.flags.crashed_primary,
-            rolled_back: sb.flags.rolled_back,
-            peer_unflushed: sb.flags.peer_unflushed,
-            out_of_sync_bytes: m.out_of_sync_bytes(),
-            discard_my_data: self.st.discard_my_data,
-            epoch: sb.epoch,
-        }
+        records::peer_state(self.meta.as_ref().expect("running"), &self.st)
     }
 }
 

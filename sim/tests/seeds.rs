@@ -143,6 +143,21 @@ fn removing_a_flush_or_the_unflushed_set_is_caught_at_its_seed() {
     caught_at(441, options, Mutation::UnflushedSet);
 }
 
+/// Power losses while metadata writes fail (`--meta-eio`), each pinned to its first seed of
+/// 100,000: without writing the old superblock back when its fdatasync failed, the file keeps
+/// a record the node gave up on (an Inconsistent flag, at 67431); without the epoch each
+/// side was last promoted in, two copies that both lost power pick the one that crashed as
+/// primary over the one promoted later, which had flushed since (20364).
+#[test]
+fn removing_the_superblock_write_back_or_the_primary_epoch_is_caught_at_its_seed() {
+    let meta_eio = |m| Options {
+        meta_eio: true,
+        ..options(m)
+    };
+    caught_at(67431, meta_eio, Mutation::SuperblockWriteBack);
+    caught_at(20364, meta_eio, Mutation::PrimaryEpoch);
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let a = run(77, &options(None));

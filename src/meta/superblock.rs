@@ -16,7 +16,8 @@
 //!  88  al_offset u64 (block)    96  bm_offset u64       104  bm_blocks u64
 //! 112  boot id [16] (the kernel's, when the node last opened the file; zero: unknown)
 //! 128  resource name [64] (UTF-8, zero padded)   192  node name [64]
-//! 256..4096  zero
+//! 256  primary epoch u64 (the epoch of the node's last promotion; zero: never)
+//! 264..4096  zero
 //! ```
 //! All integers are little-endian.
 
@@ -45,8 +46,9 @@ const SB_CRC_OFF: usize = 12;
 const RESOURCE_OFF: usize = 128;
 const NODE_OFF: usize = 192;
 const BOOT_ID_OFF: usize = 112;
+const PRIMARY_EPOCH_OFF: usize = NODE_OFF + MAX_NAME_LEN;
 /// Bytes of block 0 that hold no field and must be zero.
-const RESERVED: std::ops::Range<usize> = NODE_OFF + MAX_NAME_LEN..BLOCK_SIZE;
+const RESERVED: std::ops::Range<usize> = PRIMARY_EPOCH_OFF + 8..BLOCK_SIZE;
 
 /// CRC32 of a block whose 4-byte CRC field at `crc_off` counts as zero.
 pub(crate) fn block_crc(buf: &[u8], crc_off: usize) -> u32 {
@@ -198,6 +200,9 @@ pub struct Superblock {
     /// The kernel's boot id when the node last opened the metadata (zero: unknown). An
     /// unclean shutdown under another boot id means the machine went down, page cache and all.
     pub boot_id: [u8; 16],
+    /// The epoch this node was last promoted in (zero: never). Unlike `epoch`, which rises
+    /// to whatever a peer announces, it still says when a crashed primary served.
+    pub primary_epoch: u64,
 }
 
 /// Where everything is, derived from the device size and `al_extents`.
@@ -315,6 +320,7 @@ impl Superblock {
         put_u64(&mut b, 96, layout.bm_offset);
         put_u64(&mut b, 104, layout.bm_blocks);
         b[BOOT_ID_OFF..BOOT_ID_OFF + 16].copy_from_slice(&self.boot_id);
+        put_u64(&mut b, PRIMARY_EPOCH_OFF, self.primary_epoch);
         b[RESOURCE_OFF..RESOURCE_OFF + self.resource.len()]
             .copy_from_slice(self.resource.as_bytes());
         b[NODE_OFF..NODE_OFF + self.node.len()].copy_from_slice(self.node.as_bytes());
@@ -377,6 +383,7 @@ impl Superblock {
             al_extents: get_u32(b, 80),
             md_id: get_u64(b, 16),
             boot_id: b[BOOT_ID_OFF..BOOT_ID_OFF + 16].try_into().unwrap(),
+            primary_epoch: get_u64(b, PRIMARY_EPOCH_OFF),
         };
         if sb.bytes_per_bit != BYTES_PER_BIT {
             return bad(format!(
@@ -430,6 +437,7 @@ mod tests {
             al_extents: DEFAULT_AL_EXTENTS,
             md_id: 0xdead_beef_cafe_f00d,
             boot_id: *b"0123456789abcdef",
+            primary_epoch: 6,
         }
     }
 
@@ -478,7 +486,7 @@ mod tests {
     /// in the reserved areas decoded, so `encode(decode(b)) != b`.
     #[test]
     fn reserved_bytes_must_be_zero() {
-        for pos in [256, 511, 512, 4095] {
+        for pos in [264, 511, 512, 4095] {
             let mut c = sample().encode();
             c[pos] = 1;
             let crc = block_crc(&c, SB_CRC_OFF);

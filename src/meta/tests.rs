@@ -113,6 +113,46 @@ fn update_is_durable_and_guards_fixed_fields() {
     assert_eq!(m.superblock().size, GIB);
 }
 
+/// A superblock write that reaches the file but whose fdatasync fails: the old block is
+/// written back, so memory and the file agree that nothing changed.
+#[test]
+fn a_failed_superblock_sync_leaves_memory_and_file_alike() {
+    use super::fault::{MetaFault, MetaFaults, MetaPoint};
+    let (_d, path) = setup(GIB, 67);
+    let mut m = open(&path, GIB);
+    let failing_sync = vec![MetaFault {
+        point: MetaPoint::Sync,
+        errno: libc::EIO,
+    }];
+    let faults = std::sync::Arc::new(MetaFaults::new(failing_sync.clone()));
+    m.set_faults(faults.clone());
+    assert!(
+        m.update(|s| s.epoch = 7).is_err(),
+        "the failed sync is reported"
+    );
+    assert_eq!(m.superblock().epoch, 0, "memory says nothing changed");
+    let on_file = dump_file(&path).unwrap();
+    assert_eq!(on_file["epoch"], 0, "and so does the file");
+    faults.set(Vec::new());
+    m.update(|s| s.epoch = 7).unwrap();
+    drop(m);
+    assert_eq!(open(&path, GIB).superblock().epoch, 7);
+
+    // A clean close whose sync fails: the file must not say clean while memory does not, or
+    // the next activity-log write would not mark it unclean and a crash would skip the replay.
+    let mut m = open(&path, GIB);
+    m.set_faults(faults.clone());
+    faults.set(failing_sync);
+    assert!(m.close_clean().is_err());
+    faults.set(Vec::new());
+    m.activate(3 * EXT, 4096).unwrap();
+    m.mark_out_of_sync(3 * EXT, 4096);
+    drop(m); // a crash
+    let m = open(&path, GIB);
+    assert!(m.recovery().unclean, "the crash after the close is seen");
+    assert!(m.out_of_sync_bytes() >= 4096, "the hot extent is marked");
+}
+
 #[test]
 fn create_refuses_to_overwrite_without_force() {
     let (_d, path) = setup(GIB, 67);

@@ -77,8 +77,9 @@ pub struct Side {
     /// It lost its link while the peer had not flushed writes it acknowledged (see
     /// `MetaFlags::peer_unflushed`).
     pub peer_unflushed: bool,
-    /// The highest fencing epoch it knows (a crashed primary's is the one it served in).
-    pub epoch: u64,
+    /// The epoch it was last promoted in (a crashed primary's is the one it served in; its
+    /// current epoch may since have risen to a peer's).
+    pub primary_epoch: u64,
     /// Dirty bitmap bytes ("changes" for discard-least-changes / discard-zero-changes).
     pub out_of_sync_bytes: u64,
     /// The operator asked `connect --discard-my-data`.
@@ -97,7 +98,7 @@ impl Side {
             crashed_primary: s.crashed_primary,
             rolled_back: s.rolled_back,
             peer_unflushed: s.peer_unflushed,
-            epoch: s.epoch,
+            primary_epoch: s.primary_epoch,
             out_of_sync_bytes: s.out_of_sync_bytes,
             discard_my_data: s.discard_my_data,
             node: node.to_owned(),
@@ -430,16 +431,23 @@ fn equal_current(me: &Side, peer: &Side, s: &Masked, p: &Masked) -> (Strategy, R
         (true, true) => {
             // Both lost power. A flush acknowledged while the peer was away is durable only on
             // the primary that acknowledged it. That side is the source: the one that
-            // recorded the peer had writes it had not flushed, else the one that crashed as
-            // primary in the later epoch, else the side with out-of-sync bits, else the
-            // tie-break.
+            // recorded the peer had writes it had not flushed, else the one promoted in the
+            // later epoch (whether or not it was still primary when it went down: seed 44675
+            // of the simulator, a primary that flushed, stepped down and then lost power),
+            // else the one that crashed as primary, else the side with out-of-sync bits,
+            // else the tie-break.
+            let old_rule = crate::mutation::active(crate::mutation::Mutation::PrimaryEpoch);
             let key = |s: &Side| {
-                let primary_in = if s.crashed_primary {
-                    Some(s.epoch)
-                } else {
-                    None
+                let epoch = match (old_rule, s.crashed_primary) {
+                    (false, _) => s.primary_epoch,
+                    (true, crashed) => u64::from(crashed),
                 };
-                (s.peer_unflushed, primary_in, s.out_of_sync_bytes > 0)
+                (
+                    s.peer_unflushed,
+                    epoch,
+                    s.crashed_primary,
+                    s.out_of_sync_bytes > 0,
+                )
             };
             let d = match key(me).cmp(&key(peer)) {
                 std::cmp::Ordering::Greater => Direction::Source,
@@ -1113,7 +1121,7 @@ mod tests {
             crashed_primary: false,
             rolled_back: false,
             peer_unflushed: false,
-            epoch: 0,
+            primary_epoch: 0,
             out_of_sync_bytes: 0,
             discard_my_data: false,
             node: node.to_owned(),
@@ -1130,7 +1138,7 @@ mod tests {
             self
         }
         fn in_epoch(mut self, e: u64) -> Self {
-            self.epoch = e;
+            self.primary_epoch = e;
             self
         }
         /// It lost its link while the peer had not flushed some of its writes.
@@ -1216,6 +1224,7 @@ mod tests {
             ("both went down, beta second",      beta(g(A, 0, H, 0)).rolled_back(), alpha(g(A, 0, H, 0)).rolled_back(), TargetFullSync, Rule::RolledBackBoth, 40),
             ("both went down, beta was primary", alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back().crashed(), TargetFullSync, Rule::RolledBackBoth, 40),
             ("both went down, beta was primary later", alpha(g(A, 0, H, 0)).rolled_back().crashed().changes(4096), beta(g(A, 0, H, 0)).rolled_back().crashed().in_epoch(2), TargetFullSync, Rule::RolledBackBoth, 40),
+            ("both went down, beta promoted later, stepped down", alpha(g(A, 0, H, 0)).rolled_back().crashed().in_epoch(1), beta(g(A, 0, H, 0)).rolled_back().in_epoch(2), TargetFullSync, Rule::RolledBackBoth, 40),
             ("both went down, beta marked",      alpha(g(A, 0, H, 0)).rolled_back(), beta(g(A, 0, H, 0)).rolled_back().changes(4096), TargetFullSync, Rule::RolledBackBoth, 40),
             ("both went down, beta kept flushes", alpha(g(A, 0, H, 0)).rolled_back().changes(4096), beta(g(A, 0, H, 0)).rolled_back().unflushed_peer(), TargetFullSync, Rule::RolledBackBoth, 40),
             ("my current is peer's bitmap",      alpha(g(A, 0, H, 0)), beta(g(B | P, A, H, 0)), TargetUseBitmap, Rule::BitmapPeer, 50),
@@ -1957,7 +1966,7 @@ mod tests {
                         // rolled-back copy writes nothing alone until forced (which clears it).
                         rolled_back: rb && gens.bitmap == 0,
                         peer_unflushed: pu,
-                        epoch: 0,
+                        primary_epoch: 0,
                         out_of_sync_bytes,
                         discard_my_data,
                         node: String::new(),

@@ -8,6 +8,24 @@ use super::core::{synced_copy, State};
 use super::rules::needs_split_generation;
 use super::DiskState;
 use crate::meta::{Generations, Meta, MetaError};
+use crate::repl::proto::PeerState;
+
+/// What this node tells its peer about itself: the state, and the metadata as it stands.
+pub fn peer_state(meta: &Meta, st: &State) -> PeerState {
+    let sb = meta.superblock();
+    PeerState {
+        role: st.role(),
+        disk: st.disk(),
+        gens: sb.gens,
+        crashed_primary: sb.flags.crashed_primary,
+        rolled_back: sb.flags.rolled_back,
+        peer_unflushed: sb.flags.peer_unflushed,
+        out_of_sync_bytes: meta.out_of_sync_bytes(),
+        discard_my_data: st.discard_my_data,
+        epoch: sb.epoch,
+        primary_epoch: sb.primary_epoch,
+    }
+}
 
 /// Fencing granted this node `epoch` (or the handler proved the peer fenced: `None`): the
 /// epoch and the "was primary" marks are on disk before the node is primary.
@@ -16,6 +34,7 @@ pub fn promotion(meta: &mut Meta, st: &mut State, epoch: Option<u64>) -> Result<
         if let Some(e) = epoch {
             sb.epoch = sb.epoch.max(e);
         }
+        sb.primary_epoch = sb.epoch;
         sb.flags.was_primary = true;
         sb.flags.outdated = false;
         sb.gens.set_primary(true);
@@ -105,20 +124,22 @@ pub fn resync_done_as_source(meta: &mut Meta) -> Result<Generations, MetaError> 
     Ok(meta.superblock().gens)
 }
 
-/// The peer does not have `[offset, offset+len)`: a new data generation is on disk first
-/// (the lazy bump, only while the bitmap generation is unset), then the range is marked.
-/// Returns whether a generation was started.
+/// The peer does not have `[offset, offset+len)`: the range is marked (durable through the
+/// activity log) and a new data generation is made durable (the lazy bump, only while the
+/// bitmap generation is unset). Returns whether a generation was started.
 pub fn written_without_peer(
     meta: &mut Meta,
     primary_when_peer_lost: bool,
     offset: u64,
     len: u64,
 ) -> Result<bool, MetaError> {
+    // Marked first: if the new generation fails to persist, the range (written locally,
+    // answered with an error) is still resynced rather than left different on the two copies.
+    meta.mark_out_of_sync(offset, len);
     let bump = needs_split_generation(meta.superblock().gens.bitmap);
     if bump {
         meta.update(|sb| sb.gens.split_from_peer(primary_when_peer_lost))?;
     }
-    meta.mark_out_of_sync(offset, len);
     Ok(bump)
 }
 

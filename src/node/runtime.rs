@@ -276,19 +276,7 @@ impl Node {
 
     pub fn my_peer_state(&self) -> PeerState {
         let st = self.state();
-        let meta = self.meta();
-        let sb = meta.superblock();
-        PeerState {
-            role: st.role(),
-            disk: st.disk(),
-            gens: sb.gens,
-            crashed_primary: sb.flags.crashed_primary,
-            rolled_back: sb.flags.rolled_back,
-            peer_unflushed: sb.flags.peer_unflushed,
-            out_of_sync_bytes: meta.out_of_sync_bytes(),
-            discard_my_data: st.discard_my_data,
-            epoch: sb.epoch,
-        }
+        super::records::peer_state(&self.meta(), &st)
     }
 
     /// Tell the peer about a role or disk change.
@@ -323,7 +311,7 @@ impl Node {
                     crashed_primary: false,
                     rolled_back: false,
                     peer_unflushed: false,
-                    epoch: 0,
+                    primary_epoch: 0,
                     out_of_sync_bytes: 0,
                     discard_my_data: false,
                     node: name.to_owned(),

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::meta::Generations;
 use crate::state::{DiskState, Role};
 
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 pub const FRAME_MAGIC: u32 = 0x544e_444d; // "TNDM"
 pub const HEADER_LEN: usize = 32;
 /// Largest body of any frame: a 32 MiB write plus slack; anything larger is garbage.
@@ -147,6 +147,8 @@ pub struct PeerState {
     pub discard_my_data: bool,
     /// The highest fencing epoch this node knows.
     pub epoch: u64,
+    /// See `Superblock::primary_epoch`.
+    pub primary_epoch: u64,
 }
 
 /// A received frame.
