@@ -284,7 +284,6 @@ struct Node {
     link: Option<Link>,
     hs: Option<Hs>,
     fence: Fence,
-    lease_until: Option<Instant>,
     unflushed: Unflushed,
     writes: BTreeMap<u64, PendingWrite>,
     flushes: BTreeMap<u64, (u64, u64, u64)>,
@@ -410,7 +409,6 @@ impl Node {
             link: None,
             hs: None,
             fence: Fence::Clear,
-            lease_until: None,
             unflushed: Unflushed::default(),
             writes: BTreeMap::new(),
             flushes: BTreeMap::new(),
@@ -938,7 +936,6 @@ impl Sim {
         n.meta = Some(meta);
         n.st = State::new(disk);
         n.fence = Fence::Clear;
-        n.lease_until = None;
         n.unflushed = Unflushed::default();
         n.next_seq = 1;
         n.fencing = false;
@@ -1492,11 +1489,14 @@ impl Sim {
 
     fn lease_valid(&self, i: usize) -> bool {
         let now = self.clock(i);
-        self.nodes[i].lease_until.is_some_and(|t| now < t)
+        self.nodes[i].st.lease_valid(now)
     }
 
     fn renewed(&mut self, i: usize, sent: Instant) {
-        self.nodes[i].lease_until = Some(rules::lease_until(sent, LEASE));
+        let now = self.clock(i);
+        self.nodes[i]
+            .st
+            .lease_renewed(rules::lease_until(sent, LEASE), now);
     }
 
     fn record_peer_outdated(&mut self, i: usize) {
@@ -1831,7 +1831,7 @@ impl Sim {
 
     fn schedule_lease(&mut self, i: usize, epoch: u64) {
         let next = self.clock(i) + LEASE / 3;
-        let until = self.nodes[i].lease_until.unwrap_or(next);
+        let until = self.nodes[i].st.lease_until().unwrap_or(next);
         let at = next.min(until);
         let d = at.saturating_duration_since(self.clock(i)).as_micros() as Micros;
         self.timer(i, Timer::Lease(epoch), d);
@@ -1847,7 +1847,7 @@ impl Sim {
         let limit = if self.nodes[i].link.is_some() {
             WITNESS_TIMEOUT
         } else {
-            let left = self.nodes[i].lease_until.map_or(Duration::ZERO, |t| {
+            let left = self.nodes[i].st.lease_until().map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(self.clock(i))
             });
             (left.as_micros() as Micros).max(50 * MS)
@@ -1896,7 +1896,7 @@ impl Sim {
     }
 
     fn step_down(&mut self, i: usize, why: String, stale: bool) {
-        self.nodes[i].lease_until = None;
+        self.nodes[i].st.lease_dropped();
         self.set_fence(i, Fence::Lost(why.clone()));
         let (m, st) = self.nodes[i].both();
         if !records::stepped_down(m, st).0 {

@@ -140,7 +140,7 @@ fn a_promotion_that_lost_its_peer_on_the_way_fences_it() {
 #[test]
 fn removing_a_flush_or_the_unflushed_set_is_caught_at_its_seed() {
     caught_at(1200, options, Mutation::SourceFlush);
-    caught_at(441, options, Mutation::UnflushedSet);
+    caught_at(2336, options, Mutation::UnflushedSet);
 }
 
 /// Power losses while metadata writes fail (`--meta-eio`), each pinned to its first seed of

@@ -286,6 +286,13 @@ pub struct State {
     /// The epoch whose lease ran out on this primary, while that is the only reason its copy
     /// is Outdated: the witness may still prove it UpToDate.
     pub lapsed_in: Option<u64>,
+    /// Until when this primary's witness lease is valid, by its own monotonic clock. Kept
+    /// with the role so that giving up the role gives up the lease in the same step.
+    lease_until: Option<Instant>,
+    /// Why the last lease renewal failed, for status.
+    lease_problem: Option<String>,
+    /// Why an automatic promotion is not happening (or is waiting), for status.
+    failover_note: Option<String>,
 }
 
 impl State {
@@ -305,7 +312,53 @@ impl State {
             last_verify: None,
             lost_primary_role: false,
             lapsed_in: None,
+            lease_until: None,
+            lease_problem: None,
+            failover_note: None,
         }
+    }
+
+    /// The lease is valid at `now`.
+    pub fn lease_valid(&self, now: Instant) -> bool {
+        self.lease_until.is_some_and(|t| now < t)
+    }
+    pub fn lease_until(&self) -> Option<Instant> {
+        self.lease_until
+    }
+    pub fn lease_problem(&self) -> Option<&str> {
+        self.lease_problem.as_deref()
+    }
+
+    /// The witness granted or renewed the lease until `until`. True if it had lapsed (writes
+    /// held for a valid lease look again).
+    pub fn lease_renewed(&mut self, until: Instant, now: Instant) -> bool {
+        let lapsed = !self.lease_valid(now);
+        self.lease_until = Some(until);
+        self.lease_problem = None;
+        lapsed
+    }
+
+    /// A renewal failed for `why`. True if it is the first failure since the last renewal.
+    pub fn lease_trouble(&mut self, why: String) -> bool {
+        self.lease_problem.replace(why).is_none()
+    }
+
+    /// The lease is given up (released, or the role is gone).
+    pub fn lease_dropped(&mut self) {
+        self.lease_until = None;
+    }
+
+    pub fn failover_note(&self) -> Option<&str> {
+        self.failover_note.as_deref()
+    }
+
+    /// Set why an automatic promotion is not happening; true if that changed.
+    pub fn set_failover_note(&mut self, note: Option<String>) -> bool {
+        if self.failover_note == note {
+            return false;
+        }
+        self.failover_note = note;
+        true
     }
 
     pub fn role(&self) -> Role {
@@ -383,6 +436,7 @@ impl State {
     pub fn demoted(&mut self) {
         self.go(Change::role(Secondary), C::Demote);
         self.lost_primary_role = false;
+        self.lease_until = None;
     }
 
     /// The lease ran out or a newer epoch was seen. False if this node was not primary.
@@ -392,6 +446,7 @@ impl State {
         }
         self.go(Change::role(Secondary), C::StepDown);
         self.lost_primary_role = true;
+        self.lease_until = None;
         true
     }
 
@@ -783,5 +838,39 @@ mod tests {
             .unwrap_err();
         assert!(e.0.starts_with("disk"), "{e:?}");
         assert_eq!(st.illegal_transitions(), 0);
+    }
+
+    /// The lease lives with the role: losing the role, whichever way, loses the lease in the
+    /// same step, so no reader sees a secondary with a valid lease.
+    #[test]
+    fn giving_up_the_role_gives_up_the_lease() {
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(2);
+        for lose in [State::demoted as fn(&mut State), |st| {
+            assert!(st.stepped_down());
+        }] {
+            let mut st = connected();
+            st.promoted();
+            assert!(st.lease_renewed(later, now), "a first grant ends a lapse");
+            assert!(
+                !st.lease_renewed(later, now),
+                "a renewal of a valid lease does not"
+            );
+            assert!(st.lease_valid(now) && !st.lease_valid(later));
+            lose(&mut st);
+            assert!(!st.lease_valid(now) && st.lease_until().is_none());
+        }
+        let mut st = connected();
+        assert!(
+            st.lease_trouble("witness down".into()),
+            "the first problem is new"
+        );
+        assert!(!st.lease_trouble("still down".into()));
+        assert_eq!(st.lease_problem(), Some("still down"));
+        st.lease_renewed(later, now);
+        assert_eq!(st.lease_problem(), None);
+        assert!(st.set_failover_note(Some("waiting".into())));
+        assert!(!st.set_failover_note(Some("waiting".into())), "unchanged");
+        assert_eq!(st.failover_note(), Some("waiting"));
     }
 }

@@ -96,35 +96,32 @@ impl Node {
     }
 
     pub fn lease_valid(&self) -> bool {
-        self.lease_until
-            .lock()
-            .unwrap()
-            .is_some_and(|t| Instant::now() < t)
+        self.state().lease_valid(Instant::now())
     }
 
     pub fn lease_json(&self) -> Value {
         if self.cfg.failover.fencing != Fencing::Witness || self.role() != Role::Primary {
             return Value::Null;
         }
-        let until = *self.lease_until.lock().unwrap();
-        let remaining = until.map(|t| t.saturating_duration_since(Instant::now()));
+        let st = self.state();
+        let remaining = st
+            .lease_until()
+            .map(|t| t.saturating_duration_since(Instant::now()));
         json!({
             "valid": remaining.is_some_and(|r| !r.is_zero()),
             "remaining_ms": remaining.map(|r| r.as_millis() as u64),
-            "problem": *self.lease_problem.lock().unwrap(),
+            "problem": st.lease_problem(),
         })
     }
 
     fn set_note(&self, note: Option<String>) {
-        let mut cur = self.failover_note.lock().unwrap();
-        if *cur != note {
-            if let Some(n) = &note {
-                tracing::warn!("failover: {n}");
-            }
-            *cur = note.clone();
-            drop(cur);
-            self.event("failover", json!({"note": note}));
+        if !self.state().set_failover_note(note.clone()) {
+            return;
         }
+        if let Some(n) = &note {
+            tracing::warn!("failover: {n}");
+        }
+        self.event("failover", json!({"note": note}));
     }
 
     /// A write the peer did not acknowledge waits here until it may be acknowledged without
@@ -601,10 +598,8 @@ impl Node {
 
     /// The witness (re)granted the lease for a request sent at `sent`.
     fn renewed(&self, sent: Instant) {
-        let lease = self.cfg.failover.lease;
-        let lapsed = !self.lease_valid();
-        *self.lease_until.lock().unwrap() = Some(lease_until(sent, lease));
-        *self.lease_problem.lock().unwrap() = None;
+        let until = lease_until(sent, self.cfg.failover.lease);
+        let lapsed = self.state().lease_renewed(until, Instant::now());
         if lapsed {
             // Writes held for a valid lease look again.
             self.bump();
@@ -703,7 +698,7 @@ impl Node {
         let lease = self.cfg.failover.lease;
         loop {
             let next = Instant::now() + lease / 3;
-            let until = self.lease_until.lock().unwrap().unwrap_or(next);
+            let until = self.state().lease_until().unwrap_or(next);
             tokio::time::sleep_until(next.min(until).into()).await;
             if self.role() != Role::Primary || self.meta().superblock().epoch != epoch {
                 return;
@@ -716,9 +711,8 @@ impl Node {
             let limit = match self.link() {
                 Some(_) => Duration::MAX,
                 None => self
-                    .lease_until
-                    .lock()
-                    .unwrap()
+                    .state()
+                    .lease_until()
                     .map_or(Duration::ZERO, |t| {
                         t.saturating_duration_since(Instant::now())
                     })
@@ -733,14 +727,12 @@ impl Node {
                     return;
                 }
                 Ok(WitnessVerdict::Undecided(what)) => {
-                    *self.lease_problem.lock().unwrap() = Some(what)
+                    self.state().lease_trouble(what);
                 }
                 Err(e) => {
-                    let mut p = self.lease_problem.lock().unwrap();
-                    if p.is_none() {
+                    if self.state().lease_trouble(format!("cannot renew: {e}")) {
                         tracing::warn!("cannot renew the lease: {e}");
                     }
-                    *p = Some(format!("cannot renew: {e}"));
                 }
             }
             if self.lease_ran_out() {
@@ -778,7 +770,7 @@ impl Node {
 
     /// `lose_primary`; `stale`: mark the data Outdated.
     fn step_down(&self, why: String, stale: bool) {
-        *self.lease_until.lock().unwrap() = None;
+        self.state().lease_dropped();
         self.set_fence(Fence::Lost(why.clone()));
         let (changed, failed) = {
             let mut st = self.state();
@@ -932,7 +924,7 @@ impl Node {
 
     /// Give up the lease after an orderly demotion, so the peer may take over at once.
     pub(crate) async fn release_lease(&self) {
-        *self.lease_until.lock().unwrap() = None;
+        self.state().lease_dropped();
         if self.cfg.failover.fencing != Fencing::Witness {
             return;
         }
@@ -1072,7 +1064,7 @@ impl Node {
                 && self.meta().superblock().flags.peer_outdated,
             "auto": self.cfg.failover.auto,
             "fence": self.fence().to_json(),
-            "note": *self.failover_note.lock().unwrap(),
+            "note": self.state().failover_note(),
         })
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
@@ -66,13 +66,7 @@ pub struct Node {
     pub kick_clients: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// What a write the peer did not acknowledge may do (see `failover`).
     pub(crate) fence: watch::Sender<Fence>,
-    /// Until when this primary's witness lease is valid, by its own monotonic clock.
-    pub(crate) lease_until: Mutex<Option<Instant>>,
-    /// Why the last lease renewal failed, for status.
-    pub(crate) lease_problem: Mutex<Option<String>>,
     pub(crate) witness: tokio::sync::Mutex<Option<crate::fence::witness_client::WitnessClient>>,
-    /// Why an automatic promotion is not happening (or is waiting), for status.
-    pub(crate) failover_note: Mutex<Option<String>>,
     /// A switchover is draining this primary: new NBD clients are refused.
     pub switching: std::sync::atomic::AtomicBool,
 }
@@ -107,10 +101,7 @@ impl Node {
             nbd_clients: std::sync::OnceLock::new(),
             kick_clients: std::sync::OnceLock::new(),
             fence: watch::channel(Fence::Clear).0,
-            lease_until: Mutex::new(None),
-            lease_problem: Mutex::new(None),
             witness: tokio::sync::Mutex::new(None),
-            failover_note: Mutex::new(None),
             switching: std::sync::atomic::AtomicBool::new(false),
             primary_when_peer_lost: std::sync::atomic::AtomicBool::new(false),
         })
