@@ -283,7 +283,6 @@ struct Node {
     st: State,
     link: Option<Link>,
     hs: Option<Hs>,
-    fence: Fence,
     unflushed: Unflushed,
     writes: BTreeMap<u64, PendingWrite>,
     flushes: BTreeMap<u64, (u64, u64, u64)>,
@@ -408,7 +407,6 @@ impl Node {
             st: State::new(DiskState::UpToDate),
             link: None,
             hs: None,
-            fence: Fence::Clear,
             unflushed: Unflushed::default(),
             writes: BTreeMap::new(),
             flushes: BTreeMap::new(),
@@ -935,7 +933,6 @@ impl Sim {
         n.up = true;
         n.meta = Some(meta);
         n.st = State::new(disk);
-        n.fence = Fence::Clear;
         n.unflushed = Unflushed::default();
         n.next_seq = 1;
         n.fencing = false;
@@ -1481,9 +1478,9 @@ impl Sim {
     // ---- failover (`failover.rs`) -----------------------------------------------------
 
     fn set_fence(&mut self, i: usize, f: Fence) {
-        if self.nodes[i].fence != f {
+        if *self.nodes[i].st.fence() != f {
             self.log(format!("{}: fence {:?}", NAMES[i], f));
-            self.nodes[i].fence = f;
+            self.nodes[i].st.set_fence(f);
         }
     }
 
@@ -2047,7 +2044,7 @@ impl Sim {
             let d = hold_decision(
                 self.nodes[i].st.role(),
                 usable.is_some(),
-                &self.nodes[i].fence,
+                self.nodes[i].st.fence(),
                 Fencing::Witness,
                 self.lease_valid(i),
             );

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::rules::Fence;
 use super::{DiskState, Role};
 
 /// Connection states as status reports them.
@@ -293,6 +294,9 @@ pub struct State {
     lease_problem: Option<String>,
     /// Why an automatic promotion is not happening (or is waiting), for status.
     failover_note: Option<String>,
+    /// What a write the peer did not acknowledge may do: read with the role and the lease
+    /// in one step by the writes held for fencing.
+    fence: Fence,
 }
 
 impl State {
@@ -315,7 +319,21 @@ impl State {
             lease_until: None,
             lease_problem: None,
             failover_note: None,
+            fence: Fence::Clear,
         }
+    }
+
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// Set the fencing state; true if it changed.
+    pub fn set_fence(&mut self, fence: Fence) -> bool {
+        if self.fence == fence {
+            return false;
+        }
+        self.fence = fence;
+        true
     }
 
     /// The lease is valid at `now`.

@@ -79,11 +79,11 @@ impl Node {
     }
 
     pub fn fence(&self) -> Fence {
-        self.fence.borrow().clone()
+        self.state().fence().clone()
     }
 
     pub(crate) fn set_fence(&self, f: Fence) {
-        if *self.fence.borrow() == f {
+        if !self.state().set_fence(f.clone()) {
             return;
         }
         match &f {
@@ -91,7 +91,8 @@ impl Node {
             Fence::Pending(r) | Fence::PeerOutdated(r) => tracing::warn!("fencing: {r}"),
             Fence::Lost(r) => tracing::error!("fencing: {r}"),
         }
-        self.fence.send_replace(f.clone());
+        // Writes held for fencing look again.
+        self.bump();
         self.event("fencing", f.to_json());
     }
 
@@ -129,22 +130,24 @@ impl Node {
     /// link that is closing (quiesced for a goodbye) is still installed, and retrying on it
     /// would fail at once, forever.
     pub async fn hold_for_fencing(&self, failed: Option<&Arc<Link>>) -> Hold {
-        let mut fence = self.fence.subscribe();
         let mut changes = self.watch_changes();
         loop {
             // Marked seen before the checks, so a change after them wakes the wait below.
-            fence.borrow_and_update();
             changes.borrow_and_update();
             let usable = self
                 .link()
                 .filter(|l| !l.is_quiet() && !failed.is_some_and(|f| Arc::ptr_eq(f, l)));
-            let decision = hold_decision(
-                self.role(),
-                usable.is_some(),
-                &fence.borrow(),
-                self.cfg.failover.fencing,
-                self.lease_valid(),
-            );
+            // Role, fence and lease read in one step: no change can fall between them.
+            let decision = {
+                let st = self.state();
+                hold_decision(
+                    st.role(),
+                    usable.is_some(),
+                    st.fence(),
+                    self.cfg.failover.fencing,
+                    st.lease_valid(Instant::now()),
+                )
+            };
             match (decision, usable) {
                 (HoldDecision::Retry, Some(link)) => return Hold::Retry(link),
                 (HoldDecision::Degraded, _) => return Hold::Degraded,
@@ -152,11 +155,8 @@ impl Node {
                 _ => {}
             }
             // Woken by a fence decision, a new link, a role change or a renewed lease (each
-            // publishes a change).
-            tokio::select! {
-                _ = fence.changed() => {}
-                _ = changes.changed() => {}
-            }
+            // publishes a change). The node owns the sender, so this never ends early.
+            let _ = changes.changed().await;
         }
     }
 

@@ -64,8 +64,6 @@ pub struct Node {
     pub nbd_clients: std::sync::OnceLock<watch::Receiver<usize>>,
     /// Disconnects every NBD client once its in-flight requests are answered (installed by `up`).
     pub kick_clients: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
-    /// What a write the peer did not acknowledge may do (see `failover`).
-    pub(crate) fence: watch::Sender<Fence>,
     pub(crate) witness: tokio::sync::Mutex<Option<crate::fence::witness_client::WitnessClient>>,
     /// A switchover is draining this primary: new NBD clients are refused.
     pub switching: std::sync::atomic::AtomicBool,
@@ -100,7 +98,6 @@ impl Node {
             version: AtomicU64::new(0),
             nbd_clients: std::sync::OnceLock::new(),
             kick_clients: std::sync::OnceLock::new(),
-            fence: watch::channel(Fence::Clear).0,
             witness: tokio::sync::Mutex::new(None),
             switching: std::sync::atomic::AtomicBool::new(false),
             primary_when_peer_lost: std::sync::atomic::AtomicBool::new(false),
