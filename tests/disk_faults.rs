@@ -93,6 +93,47 @@ fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
     assert_eq!(p.status("beta")["role"], "primary");
 }
 
+/// `tandem dump-md --json` of `node`'s metadata file, as the file holds it now.
+fn dump_md(p: &Pair, node: &str) -> serde_json::Value {
+    let out = std::process::Command::new(common::tandem_bin())
+        .args(["dump-md", "--json"])
+        .arg(p.path(&format!("{node}.meta")))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A takeover whose metadata fdatasync fails: the superblock write that reached the file is
+/// written back, so the file says what the node says, that it never became primary. Without
+/// the write-back the file kept "was primary" and the epoch the node had given up, for a
+/// crash to bring back (the simulator's seeds 49904 and 67431 of `--meta-eio`).
+#[test]
+fn a_promotion_whose_sync_fails_leaves_the_metadata_file_as_it_was() {
+    let (mut p, _w) = witnessed_pair(16 * M);
+    assert_eq!(p.stop("beta"), Some(0));
+    up_with_faults(&mut p, "beta");
+    p.wait_in_sync(60);
+    let before = dump_md(&p, "beta");
+    set_faults(&p, "beta", "meta:sync:eio\n");
+
+    p.kill9("alpha");
+    let s = p.wait_for("beta", "the failed takeover in status", 20, |s| {
+        s["failover"]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("cannot record the promotion"))
+    });
+    assert_eq!(s["role"], "secondary", "{s}");
+    let after = dump_md(&p, "beta");
+    let flags = after["flags"].as_array().unwrap();
+    assert!(
+        !flags.iter().any(|f| f == "was_primary"),
+        "the file says primary: {after}"
+    );
+    assert_eq!(after["epoch"], before["epoch"], "{after}");
+    assert_eq!(after["primary_epoch"], before["primary_epoch"], "{after}");
+}
+
 /// A bad metadata rule stops `up` with the file and line, like a bad data rule.
 #[test]
 fn a_bad_metadata_fault_rule_is_refused_and_the_node_keeps_serving() {
