@@ -291,7 +291,6 @@ struct Node {
     wqueue: std::collections::VecDeque<(Request, Purpose, Micros)>,
     fencing: bool,
     promoting: bool,
-    primary_when_peer_lost: bool,
     /// The metadata fault rules in force (kept across restarts, like a failing device).
     meta_faults: Arc<MetaFaults>,
     meta_rules: Vec<MetaFault>,
@@ -415,7 +414,6 @@ impl Node {
             wqueue: Default::default(),
             fencing: false,
             promoting: false,
-            primary_when_peer_lost: false,
             meta_faults,
             meta_rules: Vec::new(),
             force_tries: 0,
@@ -937,7 +935,6 @@ impl Sim {
         n.next_seq = 1;
         n.fencing = false;
         n.promoting = false;
-        n.primary_when_peer_lost = false;
         self.log(format!(
             "{} restarted: {} epoch {}, replayed {} extent(s), crashed primary {} ({:?})",
             NAMES[i],
@@ -1253,8 +1250,7 @@ impl Sim {
         };
         self.send(i, link.conn, Msg::Close);
         self.log(format!("{}: link lost: {why}", NAMES[i]));
-        let was_primary = self.nodes[i].st.link_lost();
-        self.nodes[i].primary_when_peer_lost = was_primary;
+        self.nodes[i].st.link_lost();
         self.nodes[i].resync = None;
         let unflushed = self.nodes[i].unflushed.take();
         if !unflushed.is_empty() {
@@ -2073,7 +2069,7 @@ impl Sim {
     /// The peer does not have the write: a new generation on disk first, then the bit.
     fn degraded(&mut self, i: usize, seq: u64) -> Result<(), ()> {
         let b = self.nodes[i].writes[&seq].b;
-        let was_primary = self.nodes[i].primary_when_peer_lost;
+        let was_primary = self.nodes[i].st.primary_when_peer_lost();
         // `replicated.rs`, `degraded`: the data disk is flushed before the generation starts.
         if rules::needs_split_generation(self.nodes[i].meta().superblock().gens.bitmap) {
             self.source_flush(i);

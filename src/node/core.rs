@@ -297,6 +297,8 @@ pub struct State {
     /// What a write the peer did not acknowledge may do: read with the role and the lease
     /// in one step by the writes held for fencing.
     fence: Fence,
+    /// This node was primary when the peer was last lost (for discard-younger-primary).
+    primary_when_peer_lost: bool,
 }
 
 impl State {
@@ -320,7 +322,12 @@ impl State {
             lease_problem: None,
             failover_note: None,
             fence: Fence::Clear,
+            primary_when_peer_lost: false,
         }
+    }
+
+    pub fn primary_when_peer_lost(&self) -> bool {
+        self.primary_when_peer_lost
     }
 
     pub fn fence(&self) -> &Fence {
@@ -561,7 +568,8 @@ impl State {
         self.go(Change::conn(to), C::LinkLost);
         self.resync = None;
         self.verify = None;
-        self.role == Primary
+        self.primary_when_peer_lost = self.role == Primary;
+        self.primary_when_peer_lost
     }
 
     /// Blocks were marked while connected: a primary that is Connected becomes SyncSource of

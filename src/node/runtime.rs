@@ -58,8 +58,6 @@ pub struct Node {
     events: broadcast::Sender<String>,
     changed: watch::Sender<u64>,
     version: AtomicU64,
-    /// This node was primary when the peer was last lost (for discard-younger-primary).
-    primary_when_peer_lost: std::sync::atomic::AtomicBool,
     /// Counts NBD clients in the transmission phase (installed by `up`).
     pub nbd_clients: std::sync::OnceLock<watch::Receiver<usize>>,
     /// Disconnects every NBD client once its in-flight requests are answered (installed by `up`).
@@ -100,12 +98,11 @@ impl Node {
             kick_clients: std::sync::OnceLock::new(),
             witness: tokio::sync::Mutex::new(None),
             switching: std::sync::atomic::AtomicBool::new(false),
-            primary_when_peer_lost: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn primary_when_peer_lost(&self) -> bool {
-        self.primary_when_peer_lost.load(Ordering::Relaxed)
+        self.state().primary_when_peer_lost()
     }
 
     pub fn nbd_clients(&self) -> usize {
@@ -172,9 +169,7 @@ impl Node {
         }
         // Logged before the state changes, so whoever sees the new state finds the reason.
         tracing::warn!("connection to {} lost: {why}", self.peer_cfg.name);
-        let was_primary = self.state().link_lost();
-        self.primary_when_peer_lost
-            .store(was_primary, Ordering::Relaxed);
+        self.state().link_lost();
         self.event(
             "connection",
             json!({"state": "lost", "peer": self.peer_cfg.name, "reason": why}),
