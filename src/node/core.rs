@@ -299,6 +299,8 @@ pub struct State {
     fence: Fence,
     /// This node was primary when the peer was last lost (for discard-younger-primary).
     primary_when_peer_lost: bool,
+    /// A switchover is draining this primary: new NBD clients are refused.
+    pub switching: bool,
 }
 
 impl State {
@@ -323,7 +325,12 @@ impl State {
             failover_note: None,
             fence: Fence::Clear,
             primary_when_peer_lost: false,
+            switching: false,
         }
+    }
+
+    pub fn role_and_switching(&self) -> (Role, bool) {
+        (self.role, self.switching)
     }
 
     pub fn primary_when_peer_lost(&self) -> bool {

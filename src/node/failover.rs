@@ -4,7 +4,6 @@
 //! Every decision is taken by a plain function of `rules` (which the simulator runs too);
 //! this file does the IO around them: witness requests, the handler, metadata, timers.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -979,9 +978,9 @@ impl Node {
             )));
         }
         let started = Instant::now();
-        self.switching.store(true, Ordering::Release);
+        self.state().switching = true;
         let r = self.hand_over(&link, to).await;
-        self.switching.store(false, Ordering::Release);
+        self.state().switching = false;
         let ms = started.elapsed().as_millis();
         match r {
             Ok(()) => {

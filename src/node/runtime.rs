@@ -63,8 +63,6 @@ pub struct Node {
     /// Disconnects every NBD client once its in-flight requests are answered (installed by `up`).
     pub kick_clients: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     pub(crate) witness: tokio::sync::Mutex<Option<crate::fence::witness_client::WitnessClient>>,
-    /// A switchover is draining this primary: new NBD clients are refused.
-    pub switching: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -97,7 +95,6 @@ impl Node {
             nbd_clients: std::sync::OnceLock::new(),
             kick_clients: std::sync::OnceLock::new(),
             witness: tokio::sync::Mutex::new(None),
-            switching: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
