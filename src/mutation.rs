@@ -25,7 +25,7 @@ pub enum Mutation {
     /// that lost its page cache comes back as current as it was.
     PowerLossDetection,
     /// No data flush before a copy becomes the source for another (the sync handshake, each
-    /// resync round, the first write without the peer).
+    /// resync round, the first write without the peer, a forced promotion).
     SourceFlush,
     /// A superblock write whose fdatasync failed is not written back: the file keeps the
     /// new block while memory keeps the old.

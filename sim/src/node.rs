@@ -1756,6 +1756,7 @@ impl Sim {
         if self.nodes[i].st.disk() == DiskState::UpToDate {
             return true;
         }
+        self.source_flush(i);
         let (m, st) = self.nodes[i].both();
         if records::forced_reference(m, st, false).is_err() {
             return false;

@@ -140,6 +140,9 @@ fn a_promotion_that_lost_its_peer_on_the_way_fences_it() {
 #[test]
 fn removing_a_flush_or_the_unflushed_set_is_caught_at_its_seed() {
     caught_at(1200, options, Mutation::SourceFlush);
+    // Found by the 1,000,000-seed soak: a copy forced to be the reference while resync
+    // blocks were still in its page cache, then its power lost.
+    caught_at(1646280, options, Mutation::SourceFlush);
     caught_at(2336, options, Mutation::UnflushedSet);
 }
 

@@ -374,7 +374,16 @@ impl Node {
             why = format!("{why} (forced: disk was {})", disk.as_str());
         }
         if new_data {
-            // This node's data becomes the reference.
+            // This node's data becomes the reference, under a new generation: what its page
+            // cache holds (resync blocks not yet flushed) goes to disk first, or a power loss
+            // would bring the copy back trusted (a bitmap generation: not rolled back)
+            // without them (the simulator, seed 1646280).
+            if !crate::mutation::active(crate::mutation::Mutation::SourceFlush) {
+                self.store
+                    .flush()
+                    .await
+                    .map_err(|e| Failure::error(format!("flush failed: {e}")))?;
+            }
             let mut st = self.state();
             super::records::forced_reference(&mut self.meta(), &mut st, fresh)
                 .map_err(|e| Failure::error(format!("metadata write failed: {e}")))?;
