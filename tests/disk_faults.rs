@@ -55,19 +55,17 @@ fn up_with_faults(p: &mut Pair, node: &'static str) {
     p.up_with(node, &["--fault-file", faults.to_str().unwrap()]);
 }
 
-/// A promotion whose superblock write fails: the node stays secondary and says why, both
-/// when it takes over a lost primary and when an operator asks. Before, `become_primary`
-/// only logged the failure: the automatic promotion left no trace in status, and
-/// `tandem primary` answered "promoted to primary" from a node that was not.
-#[test]
-fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
-    let (mut p, _w) = witnessed_pair(16 * M);
+/// A witnessed pair, alpha primary and in sync, beta running under a fault file.
+fn witnessed_pair_with_faults_on_beta() -> (Pair, common::failover::Witness) {
+    let (mut p, w) = witnessed_pair(16 * M);
     assert_eq!(p.stop("beta"), Some(0));
     up_with_faults(&mut p, "beta");
     p.wait_in_sync(60);
-    set_faults(&p, "beta", "meta:superblock:eio\n");
+    (p, w)
+}
 
-    // Automatic: the primary dies; the witness grants beta an epoch it cannot record.
+/// Kill alpha; beta's takeover fails to record and it says so. Returns beta's status.
+fn failed_takeover_by_beta(p: &mut Pair) -> serde_json::Value {
     p.kill9("alpha");
     let s = p.wait_for("beta", "the failed takeover in status", 20, |s| {
         s["failover"]["note"]
@@ -75,6 +73,20 @@ fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
             .is_some_and(|n| n.contains("cannot record the promotion"))
     });
     assert_eq!(s["role"], "secondary", "{s}");
+    s
+}
+
+/// A promotion whose superblock write fails: the node stays secondary and says why, both
+/// when it takes over a lost primary and when an operator asks. Before, `become_primary`
+/// only logged the failure: the automatic promotion left no trace in status, and
+/// `tandem primary` answered "promoted to primary" from a node that was not.
+#[test]
+fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
+    let (mut p, _w) = witnessed_pair_with_faults_on_beta();
+    set_faults(&p, "beta", "meta:superblock:eio\n");
+
+    // Automatic: the primary dies; the witness grants beta an epoch it cannot record.
+    let s = failed_takeover_by_beta(&mut p);
     assert!(
         s["failover"]["note"].as_str().unwrap().contains("injected"),
         "{s}"
@@ -93,38 +105,18 @@ fn a_promotion_that_cannot_be_recorded_is_refused_not_reported_as_done() {
     assert_eq!(p.status("beta")["role"], "primary");
 }
 
-/// `tandem dump-md --json` of `node`'s metadata file, as the file holds it now.
-fn dump_md(p: &Pair, node: &str) -> serde_json::Value {
-    let out = std::process::Command::new(common::tandem_bin())
-        .args(["dump-md", "--json"])
-        .arg(p.path(&format!("{node}.meta")))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// A takeover whose metadata fdatasync fails: the superblock write that reached the file is
 /// written back, so the file says what the node says, that it never became primary. Without
 /// the write-back the file kept "was primary" and the epoch the node had given up, for a
 /// crash to bring back (the simulator's seeds 49904 and 67431 of `--meta-eio`).
 #[test]
 fn a_promotion_whose_sync_fails_leaves_the_metadata_file_as_it_was() {
-    let (mut p, _w) = witnessed_pair(16 * M);
-    assert_eq!(p.stop("beta"), Some(0));
-    up_with_faults(&mut p, "beta");
-    p.wait_in_sync(60);
-    let before = dump_md(&p, "beta");
+    let (mut p, _w) = witnessed_pair_with_faults_on_beta();
+    let before = p.dump_md("beta");
     set_faults(&p, "beta", "meta:sync:eio\n");
 
-    p.kill9("alpha");
-    let s = p.wait_for("beta", "the failed takeover in status", 20, |s| {
-        s["failover"]["note"]
-            .as_str()
-            .is_some_and(|n| n.contains("cannot record the promotion"))
-    });
-    assert_eq!(s["role"], "secondary", "{s}");
-    let after = dump_md(&p, "beta");
+    failed_takeover_by_beta(&mut p);
+    let after = p.dump_md("beta");
     let flags = after["flags"].as_array().unwrap();
     assert!(
         !flags.iter().any(|f| f == "was_primary"),

@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::pair::*;
-use common::run_ok;
 
 fn fio_verify(uri: &str, size: &str, extra: &[&str]) {
     let mut args = vec![
@@ -57,16 +56,7 @@ fn initial_sync_replicates_fio_writes_and_copies_end_identical() {
     assert_eq!(p.stop("alpha"), Some(0));
     p.assert_identical();
     // dump-md shows the clean state and the same current generation on both nodes.
-    let a: serde_json::Value = serde_json::from_str(&run_ok(
-        common::tandem_bin(),
-        &["dump-md", "--json", p.path("alpha.meta").to_str().unwrap()],
-    ))
-    .unwrap();
-    let b: serde_json::Value = serde_json::from_str(&run_ok(
-        common::tandem_bin(),
-        &["dump-md", "--json", p.path("beta.meta").to_str().unwrap()],
-    ))
-    .unwrap();
+    let (a, b) = (p.dump_md("alpha"), p.dump_md("beta"));
     let cur = |v: &serde_json::Value| v.to_string();
     assert!(
         cur(&a).contains("generation") || cur(&a).contains("gens"),

@@ -20,6 +20,14 @@ fn options(mutation: Option<Mutation>) -> Options {
     }
 }
 
+/// `options` with metadata writes failing too (`--meta-eio`).
+fn meta_eio(mutation: Option<Mutation>) -> Options {
+    Options {
+        meta_eio: true,
+        ..options(mutation)
+    }
+}
+
 /// Seeds `first..end` on two threads; the failing outcomes, or only the first with `stop`.
 fn seeds(first: u64, end: u64, mutation: Option<Mutation>, stop: bool) -> Vec<Outcome> {
     seeds_with(first, end, &options(mutation), stop)
@@ -94,11 +102,11 @@ fn two_thousand_seeds_hold_every_invariant() {
 /// Metadata writes failing with EIO as well (`--meta-eio`): 1,000 seeds.
 #[test]
 fn a_thousand_seeds_with_failing_metadata_writes_hold_every_invariant() {
-    let opts = Options {
-        meta_eio: true,
-        ..options(None)
-    };
-    none_failed(&seeds_with(1, 1001, &opts, false), 1000, " --meta-eio");
+    none_failed(
+        &seeds_with(1, 1001, &meta_eio(None), false),
+        1000,
+        " --meta-eio",
+    );
 }
 
 /// Each mechanism whose loss the simulator sees: the first failing seed is found within the
@@ -134,14 +142,13 @@ fn a_promotion_that_lost_its_peer_on_the_way_fences_it() {
     caught_at(194746, without_power_loss, Mutation::PromotionFence);
 }
 
-/// Two rarer catches, each pinned to its first seed: without the data flush before a copy
-/// becomes another's source, and without marking what the peer had not flushed when the
-/// link was lost, an acknowledged write is lost after power losses.
+/// Rarer catches, each pinned to a seed: without the data flush before a copy becomes
+/// another's source (at a handshake or resync round, 1200; at a forced promotion, 1646280),
+/// and without marking what the peer had not flushed when the link was lost (2336), an
+/// acknowledged write is lost after power losses.
 #[test]
 fn removing_a_flush_or_the_unflushed_set_is_caught_at_its_seed() {
     caught_at(1200, options, Mutation::SourceFlush);
-    // Found by the 1,000,000-seed soak: a copy forced to be the reference while resync
-    // blocks were still in its page cache, then its power lost.
     caught_at(1646280, options, Mutation::SourceFlush);
     caught_at(2336, options, Mutation::UnflushedSet);
 }
@@ -153,10 +160,6 @@ fn removing_a_flush_or_the_unflushed_set_is_caught_at_its_seed() {
 /// primary over the one promoted later, which had flushed since (20364).
 #[test]
 fn removing_the_superblock_write_back_or_the_primary_epoch_is_caught_at_its_seed() {
-    let meta_eio = |m| Options {
-        meta_eio: true,
-        ..options(m)
-    };
     caught_at(67431, meta_eio, Mutation::SuperblockWriteBack);
     caught_at(20364, meta_eio, Mutation::PrimaryEpoch);
 }

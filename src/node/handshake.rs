@@ -109,7 +109,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     // Whichever way a resync goes, the source's copy is durable before the target records
     // itself Inconsistent (once both states are known): else a power loss here could roll
     // back the only consistent copy below what the target held (found by the simulator).
-    node.flush_as_source("the sync handshake").await;
+    node.flush_as_source_or_log("the sync handshake").await;
     // Exchange state and bitmaps concurrently (large bitmaps must not deadlock).
     let mine = node.my_peer_state();
     let words: Vec<u64> = node.meta().bitmap_words().to_vec();

@@ -142,7 +142,7 @@ async fn pause_unless_lost(link: &Link, pause: Duration) -> bool {
 async fn resync_round(node: Arc<Node>, link: Arc<Link>) -> Round {
     // What this copy sends must outlive a power loss here: the target's copy, which may be
     // the only other durable one, is overwritten with it (found by the simulator).
-    node.flush_as_source("a resync round").await;
+    node.flush_as_source_or_log("a resync round").await;
     let rate = node.cfg.resync.rate;
     let started = Instant::now();
     let mut sent_bytes = 0u64;

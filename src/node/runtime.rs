@@ -243,13 +243,19 @@ impl Node {
         self.changed.subscribe()
     }
 
-    /// Flush the data disk before this copy may become another's source. A failure is only
-    /// logged: a disk whose flush fails still sends what it reads (the resync is its help).
-    pub(super) async fn flush_as_source(&self, before: &str) {
+    /// Flush the data disk before this copy may become another's source. The error is the
+    /// caller's to weigh: a resync only logs it (a disk whose flush fails still sends what
+    /// it reads), a forced promotion refuses.
+    pub(super) async fn flush_as_source(&self) -> std::io::Result<()> {
         if crate::mutation::active(crate::mutation::Mutation::SourceFlush) {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.store.flush().await {
+        self.store.flush().await
+    }
+
+    /// `flush_as_source`, logging a failure.
+    pub(super) async fn flush_as_source_or_log(&self, before: &str) {
+        if let Err(e) = self.flush_as_source().await {
             tracing::warn!("flushing the data disk before {before} failed: {e}");
         }
     }
@@ -378,12 +384,9 @@ impl Node {
             // cache holds (resync blocks not yet flushed) goes to disk first, or a power loss
             // would bring the copy back trusted (a bitmap generation: not rolled back)
             // without them (the simulator, seed 1646280).
-            if !crate::mutation::active(crate::mutation::Mutation::SourceFlush) {
-                self.store
-                    .flush()
-                    .await
-                    .map_err(|e| Failure::error(format!("flush failed: {e}")))?;
-            }
+            self.flush_as_source()
+                .await
+                .map_err(|e| Failure::error(format!("flush failed: {e}")))?;
             let mut st = self.state();
             super::records::forced_reference(&mut self.meta(), &mut st, fresh)
                 .map_err(|e| Failure::error(format!("metadata write failed: {e}")))?;

@@ -199,6 +199,18 @@ impl Pair {
         serde_json::from_str(&self.ok(node, &["status", "--json"])).unwrap()
     }
 
+    /// `tandem dump-md --json` of `node`'s metadata file, as the file holds it now.
+    pub fn dump_md(&self, node: &str) -> serde_json::Value {
+        let meta = self.path(&format!("{node}.meta"));
+        let out = std::process::Command::new(super::tandem_bin())
+            .args(["dump-md", "--json"])
+            .arg(meta)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Poll `status` until `pred` holds.
     pub fn wait_for(
         &self,
