@@ -33,10 +33,13 @@ pub enum Mutation {
     /// When both machines went down, the epoch each side was last promoted in is ignored:
     /// the side that crashed as primary wins over one promoted later that stepped down.
     PrimaryEpoch,
+    /// An activity-log transaction whose write or fdatasync failed leaves memory as it was:
+    /// the extents it evicted stay hot in memory though the file may no longer hold them.
+    AlForget,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 10] = [
+    pub const ALL: [Mutation; 11] = [
         Mutation::LeaseCheck,
         Mutation::LinkLossFencing,
         Mutation::UnflushedSet,
@@ -47,6 +50,7 @@ impl Mutation {
         Mutation::SourceFlush,
         Mutation::SuperblockWriteBack,
         Mutation::PrimaryEpoch,
+        Mutation::AlForget,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Mutation {
             Mutation::SourceFlush => "source-flush",
             Mutation::SuperblockWriteBack => "superblock-write-back",
             Mutation::PrimaryEpoch => "primary-epoch",
+            Mutation::AlForget => "al-forget",
         }
     }
 

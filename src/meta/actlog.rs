@@ -504,6 +504,33 @@ impl ActLog {
         }
     }
 
+    /// After a transaction that may or may not be on disk (its write or fdatasync failed):
+    /// the file holds either it or what its slot held before, so an extent counts as hot
+    /// only if it is hot in both. The extents `plan` evicted become cold and their slots
+    /// free; the new ones stay cold. The number and ring position stay, so the next
+    /// transaction overwrites whichever of the two the file holds.
+    pub fn forget_evicted(&mut self, plan: &[Assign]) {
+        for a in plan.iter().filter(|a| a.evicted != EMPTY) {
+            self.release_slot(a.slot);
+        }
+    }
+
+    /// After a reset transaction that may or may not be on disk: nothing is hot for sure.
+    pub fn forget_all(&mut self) {
+        for slot in 0..self.al_extents {
+            if self.slots[slot as usize] != EMPTY {
+                self.release_slot(slot);
+            }
+        }
+    }
+
+    fn release_slot(&mut self, slot: u32) {
+        let old = std::mem::replace(&mut self.slots[slot as usize], EMPTY);
+        self.slot_of.remove(&old);
+        self.pins[slot as usize] = 0;
+        self.free.push(slot);
+    }
+
     /// Apply a transaction built by `build`/`build_reset` once it is on disk.
     pub fn commit(&mut self, tx: &Transaction, now: u64) {
         debug_assert_eq!(tx.tr, self.next_tr);

@@ -153,6 +153,57 @@ fn a_failed_superblock_sync_leaves_memory_and_file_alike() {
     assert!(m.out_of_sync_bytes() >= 4096, "the hot extent is marked");
 }
 
+/// An activity-log transaction whose fdatasync failed may still be in the file. The extent
+/// it evicted must not stay hot in memory: a later write there would skip the log, and a
+/// crash that finds the failed transaction in the file would not replay the extent.
+#[test]
+fn a_failed_activity_log_sync_leaves_no_extent_hot_that_the_file_may_lack() {
+    use super::fault::{MetaFault, MetaFaults, MetaPoint};
+    let (_d, path) = setup(GIB, 67);
+    let mut m = open(&path, GIB);
+    for e in 40..40 + 67 {
+        m.activate(e * EXT, 1).unwrap();
+    }
+    let faults = std::sync::Arc::new(MetaFaults::new(vec![MetaFault {
+        point: MetaPoint::Sync,
+        errno: libc::EIO,
+    }]));
+    m.set_faults(faults.clone());
+    // Evicts extent 40, the least recently used; the transaction reaches the file.
+    assert!(
+        m.activate(200 * EXT, 1).is_err(),
+        "the failed sync is reported"
+    );
+    assert!(!m.is_hot(40 * EXT), "the evicted extent is cold in memory");
+    assert!(!m.is_hot(200 * EXT), "and the new one is not hot yet");
+    faults.set(Vec::new());
+    // A write to extent 40 now goes through the log again.
+    assert!(m.activate(40 * EXT + 8192, 4096).unwrap(), "a transaction");
+    m.mark_out_of_sync(40 * EXT + 8192, 4096);
+    drop(m); // a crash
+    let m = open(&path, GIB);
+    assert!(
+        m.recovery().replayed_extents.contains(&40),
+        "{:?}",
+        m.recovery()
+    );
+    assert_eq!(m.next_out_of_sync(40 * EXT).map(|r| r.0), Some(40 * EXT));
+    drop(m);
+
+    // A clean close whose emptying transaction fails: every extent is activated again.
+    let mut m = open(&path, GIB);
+    m.activate(5 * EXT, 1).unwrap();
+    m.set_faults(faults.clone());
+    faults.set(vec![MetaFault {
+        point: MetaPoint::Sync,
+        errno: libc::EIO,
+    }]);
+    assert!(m.close_clean().is_err());
+    assert!(m.hot_extents().is_empty());
+    faults.set(Vec::new());
+    assert!(m.activate(5 * EXT, 4096).unwrap(), "a transaction");
+}
+
 #[test]
 fn create_refuses_to_overwrite_without_force() {
     let (_d, path) = setup(GIB, 67);
