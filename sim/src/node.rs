@@ -15,10 +15,10 @@ use tandem::meta::{Generations, Meta, EXTENT_SIZE};
 use tandem::mutation::{self, Mutation};
 use tandem::node::core::{Conn, State};
 use tandem::node::decide::{self, EpochCheck, LinkPlan, PeerClaim, Side, WitnessView};
+use tandem::node::duty::{self, Duty, Effect};
 use tandem::node::records;
 use tandem::node::rules::{
-    self, acquire_outcome, hold_decision, witness_verdict, Acquire, Fence, HoldDecision,
-    OnLinkLost, WitnessVerdict,
+    self, acquire_outcome, hold_decision, Acquire, Fence, HoldDecision, OnLinkLost,
 };
 use tandem::node::{DiskState, Role};
 use tandem::policy::SplitBrainPolicy;
@@ -150,24 +150,15 @@ struct Resync {
 
 #[derive(Debug, Clone)]
 enum Purpose {
-    Outdate {
+    /// A question of the node's witness duty (`tandem::node::duty`).
+    Duty {
+        ask: duty::Ask,
         sent: Instant,
     },
     Acquire {
         sent: Instant,
         peer_in_sync: bool,
         force: bool,
-    },
-    Renew {
-        epoch: u64,
-        sent: Instant,
-    },
-    InSync {
-        epoch: u64,
-        conn: u64,
-    },
-    Lapse {
-        epoch: u64,
     },
     Settle,
 }
@@ -187,16 +178,14 @@ enum Msg {
     Close,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Timer {
     Dial,
     Ping,
-    Lease(u64),
-    Fence,
+    /// A timer of the node's witness duty.
+    Duty(duty::Tick),
     Promote,
-    Lapse(u64),
     Settle,
-    InSync(u64, u64),
     /// The operator asks again for a forced promotion the witness refused for now.
     Force(u32),
     /// A resync whose end could not be recorded goes again.
@@ -289,7 +278,8 @@ struct Node {
     next_seq: u64,
     wwait: HashMap<u64, Purpose>,
     wqueue: std::collections::VecDeque<(Request, Purpose, Micros)>,
-    fencing: bool,
+    /// The witness duty: the node's own state machine, as `failover::run_duty` drives it.
+    duty: Duty,
     promoting: bool,
     /// The metadata fault rules in force (kept across restarts, like a failing device).
     meta_faults: Arc<MetaFaults>,
@@ -367,6 +357,11 @@ fn boot_id(boot: u64) -> [u8; 16] {
     (u128::from(boot) + 1).to_le_bytes()
 }
 
+fn new_duty(i: usize) -> Duty {
+    let retry = Duration::from_micros(FENCE_RETRY);
+    Duty::new(NAMES[i], NAMES[1 - i], Fencing::Witness, LEASE, retry)
+}
+
 fn meta_path(dir: &Path, seed: u64, i: usize) -> PathBuf {
     let tid = format!("{:?}", std::thread::current().id());
     let tid: String = tid.chars().filter(|c| c.is_ascii_digit()).collect();
@@ -412,7 +407,7 @@ impl Node {
             next_seq: 1,
             wwait: HashMap::new(),
             wqueue: Default::default(),
-            fencing: false,
+            duty: new_duty(i),
             promoting: false,
             meta_faults,
             meta_rules: Vec::new(),
@@ -933,7 +928,7 @@ impl Sim {
         n.st = State::new(disk);
         n.unflushed = Unflushed::default();
         n.next_seq = 1;
-        n.fencing = false;
+        n.duty = new_duty(i);
         n.promoting = false;
         self.log(format!(
             "{} restarted: {} epoch {}, replayed {} extent(s), crashed primary {} ({:?})",
@@ -991,12 +986,9 @@ impl Sim {
                     }
                 }
             }
-            Timer::Lease(epoch) => self.keep_lease(i, epoch),
-            Timer::Fence => self.fence_step(i),
+            Timer::Duty(t) => self.duty(i, duty::Event::Tick(t)),
             Timer::Promote => self.auto_promote(i),
-            Timer::Lapse(epoch) => self.resolve_lapse(i, epoch),
             Timer::Settle => self.settle_identical_pair(i),
-            Timer::InSync(epoch, conn) => self.clear_at_witness(i, epoch, conn),
             Timer::Force(n) => self.force_promote(n),
             Timer::ResyncRetry => {
                 if let Some(rs) = self.nodes[i].resync.as_mut() {
@@ -1282,10 +1274,7 @@ impl Sim {
             OnLinkLost::GoOnAlone(f) => self.set_fence(i, f),
             OnLinkLost::FencePeer(f) => {
                 self.set_fence(i, f);
-                if !self.nodes[i].fencing {
-                    self.nodes[i].fencing = true;
-                    self.fence_step(i);
-                }
+                self.duty(i, duty::Event::FencePeer);
             }
             OnLinkLost::TakeOver => self.auto_promote(i),
             OnLinkLost::Note(n) => self.log(format!("{}: {n}", NAMES[i])),
@@ -1506,57 +1495,12 @@ impl Sim {
             && self.nodes[i].st.conn() == Conn::Connected
     }
 
-    fn fence_step(&mut self, i: usize) {
-        if self.nodes[i].link.is_some() {
-            self.set_fence(i, Fence::Clear);
-            self.nodes[i].fencing = false;
-            return;
-        }
-        if self.nodes[i].st.role() != Role::Primary {
-            self.nodes[i].fencing = false;
-            return;
-        }
-        let epoch = self.nodes[i].epoch();
-        let sent = self.clock(i);
-        let req = Request::Outdate {
-            epoch,
-            peer: NAMES[1 - i].into(),
-        };
-        self.witness_call(i, req, Purpose::Outdate { sent }, WITNESS_TIMEOUT);
-    }
-
     fn on_witness(&mut self, i: usize, p: Purpose, rep: Result<Reply, ()>) {
         match p {
-            Purpose::Outdate { sent } => match rep.as_ref().map(witness_verdict) {
-                Ok(WitnessVerdict::Yes) if self.nodes[i].st.role() != Role::Primary => {
-                    self.record_peer_outdated(i);
-                    self.nodes[i].fencing = false;
-                }
-                Ok(WitnessVerdict::Yes) => {
-                    self.renewed(i, sent);
-                    self.record_peer_outdated(i);
-                    self.nodes[i].fencing = false;
-                    if self.nodes[i].link.is_some() {
-                        if self.peer_connected_in_sync(i) {
-                            self.peer_in_sync(i);
-                        }
-                    } else {
-                        self.set_fence(i, Fence::PeerOutdated("witness outdated the peer".into()));
-                    }
-                }
-                Ok(WitnessVerdict::Superseded(why)) => {
-                    self.nodes[i].fencing = false;
-                    self.lose_primary(i, why);
-                }
-                Ok(WitnessVerdict::Undecided(what)) => {
-                    self.set_fence(i, Fence::Pending(what));
-                    self.timer(i, Timer::Fence, FENCE_RETRY);
-                }
-                Err(()) => {
-                    self.set_fence(i, Fence::Pending("cannot reach the witness".into()));
-                    self.timer(i, Timer::Fence, FENCE_RETRY);
-                }
-            },
+            Purpose::Duty { ask, sent } => {
+                let reply = rep.map_err(|()| "no answer in time".to_string());
+                self.duty(i, duty::Event::Answer { ask, sent, reply });
+            }
             Purpose::Acquire {
                 sent,
                 peer_in_sync,
@@ -1609,47 +1553,6 @@ impl Sim {
                     }
                 }
             }
-            Purpose::Renew { epoch, sent } => {
-                match rep.as_ref().map(witness_verdict) {
-                    Ok(WitnessVerdict::Yes) => self.renewed(i, sent),
-                    Ok(WitnessVerdict::Superseded(why)) => {
-                        self.lose_primary(i, why);
-                        return;
-                    }
-                    _ => {}
-                }
-                if self.lease_ran_out(i) {
-                    return;
-                }
-                self.schedule_lease(i, epoch);
-            }
-            Purpose::InSync { epoch, conn } => match rep {
-                Ok(Reply::Ok) => {
-                    if self.nodes[i].st.role() == Role::Primary
-                        && self.nodes[i].meta().superblock().flags.peer_outdated
-                    {
-                        let _ = self.nodes[i]
-                            .meta()
-                            .update(|sb| sb.flags.peer_outdated = false);
-                    }
-                }
-                Ok(_) => {}
-                Err(()) => self.timer(i, Timer::InSync(epoch, conn), FENCE_RETRY),
-            },
-            Purpose::Lapse { epoch } => match rep {
-                Ok(Reply::State {
-                    epoch: we, holder, ..
-                }) => {
-                    if we == epoch
-                        && holder.as_deref() == Some(NAMES[i])
-                        && self.lapse_still(i, epoch)
-                    {
-                        self.outdated_no_more(i);
-                    }
-                }
-                Ok(_) => {}
-                Err(()) => self.timer(i, Timer::Lapse(epoch), FENCE_RETRY),
-            },
             Purpose::Settle => match rep {
                 Ok(Reply::State {
                     epoch,
@@ -1802,10 +1705,7 @@ impl Sim {
         match rules::promotion_fence(linked, peer_fenced, NAMES[1 - i], "promoted") {
             OnLinkLost::FencePeer(f) => {
                 self.set_fence(i, f);
-                if !self.nodes[i].fencing {
-                    self.nodes[i].fencing = true;
-                    self.fence_step(i);
-                }
+                self.duty(i, duty::Event::FencePeer);
             }
             OnLinkLost::GoOnAlone(f) => self.set_fence(i, f),
             _ => {}
@@ -1816,72 +1716,10 @@ impl Sim {
             "{}: promoted to primary in epoch {epoch}",
             NAMES[i]
         ));
-        self.schedule_lease(i, epoch);
+        self.duty(i, duty::Event::Promoted { epoch });
         self.announce(i);
         if self.peer_connected_in_sync(i) {
             self.peer_in_sync(i);
-        }
-    }
-
-    fn schedule_lease(&mut self, i: usize, epoch: u64) {
-        let next = self.clock(i) + LEASE / 3;
-        let until = self.nodes[i].st.lease_until().unwrap_or(next);
-        let at = next.min(until);
-        let d = at.saturating_duration_since(self.clock(i)).as_micros() as Micros;
-        self.timer(i, Timer::Lease(epoch), d);
-    }
-
-    fn keep_lease(&mut self, i: usize, epoch: u64) {
-        if self.nodes[i].st.role() != Role::Primary || self.nodes[i].epoch() != epoch {
-            return;
-        }
-        if self.lease_ran_out(i) {
-            return;
-        }
-        let limit = if self.nodes[i].link.is_some() {
-            WITNESS_TIMEOUT
-        } else {
-            let left = self.nodes[i].st.lease_until().map_or(Duration::ZERO, |t| {
-                t.saturating_duration_since(self.clock(i))
-            });
-            (left.as_micros() as Micros).max(50 * MS)
-        };
-        let sent = self.clock(i);
-        self.witness_call(
-            i,
-            Request::Renew { epoch },
-            Purpose::Renew { epoch, sent },
-            limit,
-        );
-    }
-
-    fn lease_ran_out(&mut self, i: usize) -> bool {
-        let peer_outdated = self.nodes[i].meta().superblock().flags.peer_outdated;
-        let linked = self.nodes[i].link.is_some();
-        let Some(stale) = rules::lease_lapse(self.lease_valid(i), linked, peer_outdated) else {
-            return false;
-        };
-        self.step_down(
-            i,
-            "the lease expired and the peer is not connected".into(),
-            stale,
-        );
-        if stale {
-            let epoch = self.nodes[i].epoch();
-            self.nodes[i].st.lapsed_in = Some(epoch);
-            self.resolve_lapse(i, epoch);
-        }
-        true
-    }
-
-    fn lapse_still(&self, i: usize, epoch: u64) -> bool {
-        let n = &self.nodes[i];
-        n.st.lapsed_in == Some(epoch) && n.st.disk() == DiskState::Outdated && n.epoch() == epoch
-    }
-
-    fn resolve_lapse(&mut self, i: usize, epoch: u64) {
-        if self.lapse_still(i, epoch) {
-            self.witness_call(i, Request::Query, Purpose::Lapse { epoch }, WITNESS_TIMEOUT);
         }
     }
 
@@ -1892,6 +1730,11 @@ impl Sim {
     fn step_down(&mut self, i: usize, why: String, stale: bool) {
         self.nodes[i].st.lease_dropped();
         self.set_fence(i, Fence::Lost(why.clone()));
+        self.record_step_down(i, why, stale);
+    }
+
+    /// `failover.rs`, `record_step_down`.
+    fn record_step_down(&mut self, i: usize, why: String, stale: bool) {
         let (m, st) = self.nodes[i].both();
         if !records::stepped_down(m, st).0 {
             return;
@@ -1920,27 +1763,60 @@ impl Sim {
     }
 
     fn peer_in_sync(&mut self, i: usize) {
-        self.set_fence(i, Fence::Clear);
-        let epoch = self.nodes[i].epoch();
         if let Some(conn) = self.nodes[i].link.as_ref().map(|l| l.conn) {
-            self.clear_at_witness(i, epoch, conn);
+            self.duty(i, duty::Event::PeerInSync { link: conn });
         }
     }
 
-    /// `failover.rs`, `clear_at_witness`: only while the link it began on is up.
-    fn clear_at_witness(&mut self, i: usize, epoch: u64, conn: u64) {
+    /// `failover.rs`, `run_duty`: apply one event to the node's duty and run its effects.
+    fn duty(&mut self, i: usize, ev: duty::Event) {
         let n = &self.nodes[i];
-        if n.st.role() != Role::Primary
-            || n.link.as_ref().map(|l| l.conn) != Some(conn)
-            || n.epoch() != epoch
-        {
-            return;
-        }
-        let req = Request::InSync {
-            epoch,
-            peer: NAMES[1 - i].into(),
+        let v = duty::View {
+            now: self.clock(i),
+            epoch: n.epoch(),
+            link: n.link.as_ref().map(|l| l.conn),
+            peer_connected_in_sync: self.peer_connected_in_sync(i),
+            peer_outdated: n
+                .meta
+                .as_ref()
+                .is_some_and(|m| m.superblock().flags.peer_outdated),
         };
-        self.witness_call(i, req, Purpose::InSync { epoch, conn }, WITNESS_TIMEOUT);
+        let n = &mut self.nodes[i];
+        let effects = n.duty.apply(&mut n.st, &v, ev);
+        for e in effects {
+            match e {
+                Effect::Ask { ask, sent, limit } => {
+                    let req = ask.request(NAMES[1 - i]);
+                    let limit = limit.map_or(WITNESS_TIMEOUT, |d| d.as_micros() as Micros);
+                    self.witness_call(i, req, Purpose::Duty { ask, sent }, limit);
+                }
+                Effect::RunHandler => unreachable!("the simulated pair fences with the witness"),
+                Effect::After(d, t) => self.timer(i, Timer::Duty(t), d.as_micros() as Micros),
+                Effect::Fenced(f) => self.log(format!("{}: fence {f:?}", NAMES[i])),
+                // Held writes look again after every event (`settle_holds`).
+                Effect::Changed => {}
+                Effect::RecordPeerOutdated => self.record_peer_outdated(i),
+                Effect::PeerMarkLifted => {
+                    if self.nodes[i].st.role() == Role::Primary
+                        && self.nodes[i].meta().superblock().flags.peer_outdated
+                    {
+                        let _ = self.nodes[i]
+                            .meta()
+                            .update(|sb| sb.flags.peer_outdated = false);
+                    }
+                }
+                Effect::StepDown { why, stale, lapsed } => {
+                    self.record_step_down(i, why, stale);
+                    if lapsed.is_some() {
+                        self.nodes[i].st.lapsed_in = lapsed;
+                    }
+                }
+                Effect::UpToDateAgain { .. } => {
+                    self.outdated_no_more(i);
+                }
+                Effect::Log(line) => self.log(format!("{}: {line}", NAMES[i])),
+            }
+        }
     }
 
     fn retake_lost_role(&mut self, i: usize) {

@@ -184,8 +184,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                     *link.peer.lock().unwrap() = ps;
                     node.bump();
                     if lift_outdated_mark {
-                        let n = node.clone();
-                        tokio::spawn(async move { n.peer_in_sync().await });
+                        node.peer_in_sync(link.id);
                     }
                     // E.g. a resync between two Outdated copies ended on the peer's side.
                     node.settle_identical_pair();

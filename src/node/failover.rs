@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
+use super::duty::{Duty, Effect, Event as DutyEvent, Tick, View};
 use super::records;
-use super::rules::{
-    acquire_outcome, hold_decision, lease_lapse, lease_until, witness_verdict, HoldDecision,
-    OnLinkLost, WitnessVerdict,
-};
+use super::rules::{acquire_outcome, hold_decision, lease_until, HoldDecision, OnLinkLost};
 pub use super::rules::{auto_promotion_blocked, lease_margin, Acquire, Fence};
 use super::runtime::Node;
 use super::{DiskState, Role};
@@ -82,10 +80,14 @@ impl Node {
     }
 
     pub(crate) fn set_fence(&self, f: Fence) {
-        if !self.state().set_fence(f.clone()) {
-            return;
+        if self.state().set_fence(f.clone()) {
+            self.fence_changed(&f);
         }
-        match &f {
+    }
+
+    /// Log and publish a new fence state.
+    fn fence_changed(&self, f: &Fence) {
+        match f {
             Fence::Clear => {}
             Fence::Pending(r) | Fence::PeerOutdated(r) => tracing::warn!("fencing: {r}"),
             Fence::Lost(r) => tracing::error!("fencing: {r}"),
@@ -175,8 +177,7 @@ impl Node {
             OnLinkLost::GoOnAlone(fence) => self.set_fence(fence),
             OnLinkLost::FencePeer(fence) => {
                 self.set_fence(fence);
-                let n = self.clone();
-                tokio::spawn(async move { n.fence_peer().await });
+                self.duty(DutyEvent::FencePeer);
             }
             OnLinkLost::TakeOver => {
                 let n = self.clone();
@@ -185,117 +186,6 @@ impl Node {
             OnLinkLost::Note(note) => self.set_note(Some(note)),
             OnLinkLost::Nothing => {}
         }
-    }
-
-    /// Primary side of a lost link: prove the peer outdated (or learn this node is the one
-    /// that must stop). Ends when decided or when a new link comes up first.
-    async fn fence_peer(self: Arc<Self>) {
-        let epoch = self.meta().superblock().epoch;
-        loop {
-            if self.link().is_some() {
-                tracing::info!("peer reconnected before fencing finished: held writes are resent");
-                self.set_fence(Fence::Clear);
-                return;
-            }
-            if self.role() != Role::Primary {
-                return;
-            }
-            match self.cfg.failover.fencing {
-                Fencing::Witness => {
-                    let sent = Instant::now();
-                    let req = WRequest::Outdate {
-                        epoch,
-                        peer: self.peer_cfg.name.clone(),
-                    };
-                    let reply = self.witness(req).await;
-                    match reply.as_ref().map(witness_verdict) {
-                        // The lease ran out during the round trip (see `resolve_lapse`).
-                        Ok(WitnessVerdict::Yes) if self.role() != Role::Primary => {
-                            self.record_peer_outdated();
-                            return;
-                        }
-                        Ok(WitnessVerdict::Yes) => {
-                            self.renewed(sent);
-                            self.record_peer_outdated();
-                            if self.link().is_some() {
-                                // The peer came back during the round trip: writes go to it
-                                // again, and the mark the witness just set is lifted as soon
-                                // as it is in sync (the handshake's lift may have run first).
-                                if self.peer_connected_in_sync() {
-                                    self.peer_in_sync().await;
-                                }
-                                return;
-                            }
-                            self.set_fence(Fence::PeerOutdated(format!(
-                                "witness outdated {} for epoch {epoch}",
-                                self.peer_cfg.name
-                            )));
-                            return;
-                        }
-                        Ok(WitnessVerdict::Superseded(why)) => {
-                            self.lose_primary(why);
-                            return;
-                        }
-                        Ok(WitnessVerdict::Undecided(what)) => {
-                            self.set_fence(Fence::Pending(format!(
-                                "{what} to outdate; writes held"
-                            )));
-                        }
-                        Err(e) => self.set_fence(Fence::Pending(format!(
-                            "cannot reach the witness to fence {} ({e}); writes held",
-                            self.peer_cfg.name
-                        ))),
-                    }
-                }
-                Fencing::Handler => {
-                    let up = self.state().disk() == DiskState::UpToDate;
-                    match handler::decide(&self.run_handler().await, up) {
-                        HandlerDecision::PeerFenced(why) => {
-                            if self.link().is_some() {
-                                // DRBD 9: a link that came back meanwhile makes the result moot.
-                                continue;
-                            }
-                            self.record_peer_outdated();
-                            self.set_fence(Fence::PeerOutdated(why));
-                            return;
-                        }
-                        HandlerDecision::OutdateMyself(why) => {
-                            self.lose_primary(why);
-                            return;
-                        }
-                        HandlerDecision::Hold(why) => self.set_fence(Fence::Pending(why)),
-                    }
-                }
-                Fencing::None => return,
-            }
-            tokio::time::sleep(self.fence_retry()).await;
-        }
-    }
-
-    /// This primary's lease ran out without the peer (the witness was stopped or out of reach),
-    /// so it stepped down and called its copy Outdated: another node might have taken over.
-    /// Ask the witness until it answers. If it still names this node the holder of the same
-    /// epoch, nobody took over, and every acknowledged write is on this copy: it is UpToDate.
-    /// Gives up if the copy changes meanwhile (a resync, another reason to be Outdated).
-    fn resolve_lapse(self: &Arc<Self>, epoch: u64) {
-        let n = self.clone();
-        tokio::spawn(async move {
-            let still = || {
-                let st = n.state();
-                st.lapsed_in == Some(epoch)
-                    && st.disk() == DiskState::Outdated
-                    && n.meta().superblock().epoch == epoch
-            };
-            let Some(w) = n.witness_view(still).await else {
-                return;
-            };
-            if w.epoch == epoch && w.names_holder(&n.me.name) && still() {
-                n.outdated_no_more(&format!(
-                    "the witness still names this node the holder of epoch {epoch}: nobody \
-                     took over after its lease ran out"
-                ));
-            }
-        });
     }
 
     /// The witness's state, asked again while it is unreachable and `wanted()` holds.
@@ -654,8 +544,7 @@ impl Node {
         ) {
             OnLinkLost::FencePeer(fence) => {
                 self.set_fence(fence);
-                let n = self.clone();
-                tokio::spawn(async move { n.fence_peer().await });
+                self.duty(DutyEvent::FencePeer);
             }
             OnLinkLost::GoOnAlone(fence) => self.set_fence(fence),
             _ => {}
@@ -670,94 +559,22 @@ impl Node {
             "role",
             json!({"role": "primary", "forced": forced, "epoch": self.meta().superblock().epoch, "reason": why}),
         );
-        if self.cfg.failover.fencing == Fencing::Witness && epoch.is_some() {
-            let n = self.clone();
-            let e = epoch.unwrap_or(0);
-            tokio::spawn(async move { n.keep_lease(e).await });
+        if let Some(epoch) = epoch {
+            self.duty(DutyEvent::Promoted { epoch });
         }
         self.announce().await;
         // The peer was marked outdated on the way here but caught up meanwhile (its resync
         // ended before this node was primary, so that lift was not this node's to do).
         // The witness may hold a mark this node's metadata does not know of (an outdate
         // request that timed out here but reached the witness later): always clear it.
-        if self.peer_connected_in_sync()
-            && (self.meta().superblock().flags.peer_outdated
-                || self.cfg.failover.fencing == Fencing::Witness)
-        {
-            let n = self.clone();
-            tokio::spawn(async move { n.peer_in_sync().await });
+        if let Some(link) = self.link().filter(|_| self.peer_connected_in_sync()) {
+            if self.meta().superblock().flags.peer_outdated
+                || self.cfg.failover.fencing == Fencing::Witness
+            {
+                self.peer_in_sync(link.id);
+            }
         }
         Ok(())
-    }
-
-    /// Renew the lease at a third of its length while primary for `epoch`. Without a lease
-    /// and without the peer, this node gives up the role the moment the lease runs out, not
-    /// at its next renewal: a takeover may follow right after.
-    async fn keep_lease(self: Arc<Self>, epoch: u64) {
-        let lease = self.cfg.failover.lease;
-        loop {
-            let next = Instant::now() + lease / 3;
-            let until = self.state().lease_until().unwrap_or(next);
-            tokio::time::sleep_until(next.min(until).into()).await;
-            if self.role() != Role::Primary || self.meta().superblock().epoch != epoch {
-                return;
-            }
-            if self.lease_ran_out() {
-                return;
-            }
-            // Without the peer, a renewal that cannot finish before the lease runs out is
-            // given up then (and tried again at once if the lease is still useful).
-            let limit = match self.link() {
-                Some(_) => Duration::MAX,
-                None => self
-                    .state()
-                    .lease_until()
-                    .map_or(Duration::ZERO, |t| {
-                        t.saturating_duration_since(Instant::now())
-                    })
-                    .max(Duration::from_millis(50)),
-            };
-            let sent = Instant::now();
-            let reply = self.witness_within(WRequest::Renew { epoch }, limit).await;
-            match reply.as_ref().map(witness_verdict) {
-                Ok(WitnessVerdict::Yes) => self.renewed(sent),
-                Ok(WitnessVerdict::Superseded(why)) => {
-                    self.lose_primary(why);
-                    return;
-                }
-                Ok(WitnessVerdict::Undecided(what)) => {
-                    self.state().lease_trouble(what);
-                }
-                Err(e) => {
-                    if self.state().lease_trouble(format!("cannot renew: {e}")) {
-                        tracing::warn!("cannot renew the lease: {e}");
-                    }
-                }
-            }
-            if self.lease_ran_out() {
-                return;
-            }
-        }
-    }
-
-    /// A primary without a valid lease and without the peer stops (true). Its data stays
-    /// UpToDate if the peer is marked outdated: the witness refuses the peer any epoch (short
-    /// of an operator's force), so nobody can have written what this copy lacks.
-    fn lease_ran_out(self: &Arc<Self>) -> bool {
-        let peer_outdated = self.meta().superblock().flags.peer_outdated;
-        if let Some(stale) = lease_lapse(self.lease_valid(), self.link().is_some(), peer_outdated) {
-            self.step_down(
-                "the lease expired and the peer is not connected".into(),
-                stale,
-            );
-            if stale {
-                let epoch = self.meta().superblock().epoch;
-                self.state().lapsed_in = Some(epoch);
-                self.resolve_lapse(epoch);
-            }
-            return true;
-        }
-        false
     }
 
     /// Stop being primary because this node may no longer acknowledge writes: held writes
@@ -771,6 +588,11 @@ impl Node {
     fn step_down(&self, why: String, stale: bool) {
         self.state().lease_dropped();
         self.set_fence(Fence::Lost(why.clone()));
+        self.record_step_down(why, stale);
+    }
+
+    /// The role change of `step_down`, once the lease and the fence are given up.
+    fn record_step_down(&self, why: String, stale: bool) {
         let (changed, failed) = {
             let mut st = self.state();
             records::stepped_down(&mut self.meta(), &mut st)
@@ -807,58 +629,22 @@ impl Node {
         }
     }
 
-    /// The peer is connected and UpToDate again: lift its outdated mark (witness and
-    /// metadata) so it may take over if this node fails. Until the witness has cleared the
-    /// mark, the peer cannot take over; status shows `failover.peer_outdated` meanwhile.
-    pub(crate) async fn peer_in_sync(&self) {
-        self.set_fence(Fence::Clear);
-        if self.cfg.failover.fencing == Fencing::Witness && !self.clear_at_witness().await {
-            return;
-        }
+    /// The peer is connected and UpToDate again on link `link`: lift its outdated mark
+    /// (witness, then metadata) so it may take over if this node fails. Until the witness has
+    /// cleared the mark, the peer cannot take over; status shows `failover.peer_outdated`
+    /// meanwhile.
+    pub(crate) fn peer_in_sync(self: &Arc<Self>, link: u64) {
+        self.duty(DutyEvent::PeerInSync { link });
+    }
+
+    /// The witness lifted the peer's mark (or there is no witness): lift the metadata's.
+    fn peer_mark_lifted(&self) {
         if self.role() == Role::Primary && self.meta().superblock().flags.peer_outdated {
             let _ = self.meta().update(|sb| sb.flags.peer_outdated = false);
             self.event(
                 "fencing",
                 json!({"decision": "peer in sync", "peer": self.peer_cfg.name}),
             );
-        }
-    }
-
-    /// Tell the witness the peer is in sync, retrying while it is unreachable. False when it
-    /// refused or this node stopped being the connected primary of the same epoch.
-    async fn clear_at_witness(&self) -> bool {
-        let epoch = self.meta().superblock().epoch;
-        // Only for the link the peer was found in sync on: after a new handshake it may be
-        // behind again, and lifting its mark then lets it take over without the writes it
-        // lacks (simulator seeds 1449178 and 1590153).
-        let Some(link) = self.link() else {
-            return false;
-        };
-        let mut warned = false;
-        loop {
-            if self.role() != Role::Primary
-                || !self.link().is_some_and(|l| Arc::ptr_eq(&l, &link))
-                || self.meta().superblock().epoch != epoch
-            {
-                return false;
-            }
-            let req = WRequest::InSync {
-                epoch,
-                peer: self.peer_cfg.name.clone(),
-            };
-            match self.witness(req).await {
-                Ok(WReply::Ok) => return true,
-                Ok(other) => {
-                    tracing::warn!("the witness did not clear the peer's outdated mark: {other:?}");
-                    return false;
-                }
-                Err(e) if !warned => {
-                    warned = true;
-                    tracing::warn!("cannot tell the witness the peer is in sync (retrying): {e}");
-                }
-                Err(_) => {}
-            }
-            tokio::time::sleep(FENCE_RETRY).await;
         }
     }
 
@@ -1065,5 +851,123 @@ impl Node {
             "fence": self.fence().to_json(),
             "note": self.state().failover_note(),
         })
+    }
+}
+
+impl Node {
+    /// Hand an event to the witness duty's driver, starting it on first use.
+    pub(crate) fn duty(self: &Arc<Self>, ev: DutyEvent) {
+        if let Some(rx) = self.duty_rx.lock().unwrap().take() {
+            tokio::spawn(run_duty(Arc::downgrade(self), rx));
+        }
+        // The driver ends only when the node is gone.
+        let _ = self.duty_tx.send(ev);
+    }
+
+    /// Apply one event to the duty under the state lock, with what else it needs read in
+    /// the same step.
+    fn duty_apply(&self, core: &mut Duty, ev: DutyEvent) -> Vec<Effect> {
+        let link = self.link();
+        let peer_up_to_date = link
+            .as_ref()
+            .is_some_and(|l| l.peer.lock().unwrap().disk == DiskState::UpToDate);
+        let mut st = self.state();
+        let (epoch, peer_outdated) = {
+            let m = self.meta();
+            (m.superblock().epoch, m.superblock().flags.peer_outdated)
+        };
+        let view = View {
+            now: Instant::now(),
+            epoch,
+            link: link.map(|l| l.id),
+            peer_connected_in_sync: peer_up_to_date && st.conn() == super::runtime::Conn::Connected,
+            peer_outdated,
+        };
+        core.apply(&mut st, &view, ev)
+    }
+}
+
+/// The driver of a node's witness duty: the one owner of its `Duty`, its timers and its
+/// questions in flight. It takes the next event (from the node, a timer or an answer),
+/// applies it, and runs the effects in order. Ends when the node is gone.
+async fn run_duty(
+    node: std::sync::Weak<Node>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<DutyEvent>,
+) {
+    use std::collections::BTreeMap;
+    let mut core = {
+        let Some(n) = node.upgrade() else { return };
+        Duty::new(
+            &n.me.name,
+            &n.peer_cfg.name,
+            n.cfg.failover.fencing,
+            n.cfg.failover.lease,
+            n.fence_retry(),
+        )
+    };
+    // Keyed by due time, then arrival, so equal times keep their order.
+    let mut timers: BTreeMap<(Instant, u64), Tick> = BTreeMap::new();
+    let mut armed = 0u64;
+    let mut calls: tokio::task::JoinSet<DutyEvent> = tokio::task::JoinSet::new();
+    loop {
+        let due = timers.keys().next().map(|k| k.0);
+        let ev = tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => ev,
+                None => return,
+            },
+            Some(done) = calls.join_next(), if !calls.is_empty() => match done {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::error!("a witness duty task failed: {e}");
+                    continue;
+                }
+            },
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                let (_, tick) = timers.pop_first().expect("a timer is due");
+                DutyEvent::Tick(tick)
+            }
+        };
+        let Some(n) = node.upgrade() else { return };
+        for effect in n.duty_apply(&mut core, ev) {
+            match effect {
+                Effect::Ask { ask, sent, limit } => {
+                    let req = ask.request(&n.peer_cfg.name);
+                    let n = n.clone();
+                    calls.spawn(async move {
+                        let reply = n
+                            .witness_within(req, limit.unwrap_or(Duration::MAX))
+                            .await
+                            .map_err(|e| e.to_string());
+                        DutyEvent::Answer { ask, sent, reply }
+                    });
+                }
+                Effect::RunHandler => {
+                    let up = n.state().disk() == DiskState::UpToDate;
+                    let n = n.clone();
+                    calls.spawn(async move {
+                        DutyEvent::Handler(handler::decide(&n.run_handler().await, up))
+                    });
+                }
+                Effect::After(d, tick) => {
+                    armed += 1;
+                    timers.insert((Instant::now() + d, armed), tick);
+                }
+                Effect::Fenced(f) => n.fence_changed(&f),
+                Effect::Changed => n.bump(),
+                Effect::RecordPeerOutdated => n.record_peer_outdated(),
+                Effect::PeerMarkLifted => n.peer_mark_lifted(),
+                Effect::StepDown { why, stale, lapsed } => {
+                    n.record_step_down(why, stale);
+                    if lapsed.is_some() {
+                        n.state().lapsed_in = lapsed;
+                    }
+                }
+                Effect::UpToDateAgain { why } => {
+                    n.outdated_no_more(&why);
+                }
+                Effect::Log(line) => tracing::warn!("{line}"),
+            }
+        }
     }
 }

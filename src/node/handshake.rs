@@ -302,8 +302,7 @@ async fn establish(node: Arc<Node>, mut sock: TcpStream) -> Result<(), Handshake
     );
 
     if conn == Conn::Connected && peer_up_to_date {
-        let n = node.clone();
-        tokio::spawn(async move { n.peer_in_sync().await });
+        node.peer_in_sync(link.id);
     }
     node.retake_lost_role();
     node.settle_identical_pair();

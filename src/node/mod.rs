@@ -6,6 +6,7 @@ pub mod control;
 pub mod core;
 pub mod decide;
 mod dispatch;
+pub mod duty;
 pub mod failover;
 mod handshake;
 pub mod records;

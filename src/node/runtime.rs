@@ -63,6 +63,10 @@ pub struct Node {
     /// Disconnects every NBD client once its in-flight requests are answered (installed by `up`).
     pub kick_clients: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     pub(crate) witness: tokio::sync::Mutex<Option<crate::fence::witness_client::WitnessClient>>,
+    /// Events for the driver of the witness duty (`failover::run_duty`); its receiver waits
+    /// here until the first event starts the driver.
+    pub(crate) duty_tx: tokio::sync::mpsc::UnboundedSender<super::duty::Event>,
+    pub(crate) duty_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::duty::Event>>>,
 }
 
 impl Node {
@@ -78,6 +82,7 @@ impl Node {
         let size = store.size();
         let (events, _) = broadcast::channel(1024);
         let (changed, _) = watch::channel(0);
+        let (duty_tx, duty_rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Node {
             cfg,
             me,
@@ -95,6 +100,8 @@ impl Node {
             nbd_clients: std::sync::OnceLock::new(),
             kick_clients: std::sync::OnceLock::new(),
             witness: tokio::sync::Mutex::new(None),
+            duty_tx,
+            duty_rx: Mutex::new(Some(duty_rx)),
         })
     }
 

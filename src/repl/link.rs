@@ -43,6 +43,8 @@ pub enum Reply {
 pub struct LinkLost;
 
 pub struct Link {
+    /// Unique in this process: which link a decision was made on.
+    pub id: u64,
     tx: mpsc::Sender<Outgoing>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Ack>>>,
     seq: AtomicU64,
@@ -66,7 +68,9 @@ impl Link {
     ) -> std::sync::Arc<Link> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (closed, _) = watch::channel(false);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let link = std::sync::Arc::new(Link {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             tx,
             pending: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(1),

@@ -1,0 +1,782 @@
+//! A node's standing business with the witness (or the fence handler) as one state machine:
+//! fencing the peer a primary lost, keeping the lease, asking after a lapsed lease whether
+//! anybody took over, and lifting the peer's outdated mark once it is in sync again.
+//!
+//! `Duty::apply` takes one event and the node's `State`, changes the state with plain
+//! synchronous code and returns what must happen next as effects: questions to the witness,
+//! timers, and records that need the metadata. It does no IO and never waits. The node's
+//! driver task (`failover::run_duty`) and the simulator (`sim/`) both run it, so the
+//! simulator checks these decisions as the node makes them.
+
+use std::time::{Duration, Instant};
+
+use super::core::State;
+use super::decide::WitnessView;
+use super::rules::{lease_lapse, lease_until, witness_verdict, Fence, WitnessVerdict};
+use super::{DiskState, Role};
+use crate::config::Fencing;
+use crate::fence::handler::HandlerDecision;
+use crate::witness::proto::{Reply, Request};
+
+/// What a question to the witness is for; its answer comes back with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    /// Outdate the peer this primary lost, for `epoch`.
+    Outdate { epoch: u64 },
+    /// Renew the lease of `epoch`.
+    Renew { epoch: u64 },
+    /// Lift the peer's mark: it is in sync on link `link`.
+    InSync { epoch: u64, link: u64 },
+    /// After a lapsed lease: does the witness still name this node the holder of `epoch`?
+    Lapse { epoch: u64 },
+}
+
+impl Ask {
+    /// The request that asks it; `peer` is the peer's node name.
+    pub fn request(&self, peer: &str) -> Request {
+        match *self {
+            Ask::Outdate { epoch } => Request::Outdate {
+                epoch,
+                peer: peer.into(),
+            },
+            Ask::Renew { epoch } => Request::Renew { epoch },
+            Ask::InSync { epoch, .. } => Request::InSync {
+                epoch,
+                peer: peer.into(),
+            },
+            Ask::Lapse { .. } => Request::Query,
+        }
+    }
+}
+
+/// A timer the machine set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tick {
+    /// Try fencing the peer again.
+    Fence,
+    /// Renew the lease of `epoch` (or give up the role if it ran out).
+    Lease { epoch: u64 },
+    /// Ask again: the witness was out of reach.
+    Again(Ask),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// This primary lost its peer and must fence it (`rules::OnLinkLost::FencePeer`).
+    FencePeer,
+    /// Promoted in `epoch` with witness fencing: keep the lease.
+    Promoted { epoch: u64 },
+    /// The peer is connected and UpToDate on link `link`.
+    PeerInSync { link: u64 },
+    /// A timer fired.
+    Tick(Tick),
+    /// The witness answered `ask`, sent at `sent` (this node's clock), or could not be asked.
+    Answer {
+        ask: Ask,
+        sent: Instant,
+        reply: Result<Reply, String>,
+    },
+    /// The fence handler's verdict (`Effect::RunHandler`).
+    Handler(HandlerDecision),
+}
+
+/// What the node knows besides its `State` when an event is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub now: Instant,
+    /// The epoch in the metadata.
+    pub epoch: u64,
+    /// The live link's id.
+    pub link: Option<u64>,
+    /// Connected (no resync) and the peer reported UpToDate.
+    pub peer_connected_in_sync: bool,
+    /// The metadata's `peer_outdated` flag.
+    pub peer_outdated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Ask the witness; the answer comes back as `Event::Answer`. `limit`: give up after it
+    /// (`None`: the witness client's own timeout).
+    Ask {
+        ask: Ask,
+        sent: Instant,
+        limit: Option<Duration>,
+    },
+    /// Run the fence handler; its verdict comes back as `Event::Handler`.
+    RunHandler,
+    /// Deliver `Event::Tick` after the delay.
+    After(Duration, Tick),
+    /// Persist the peer's outdated mark.
+    RecordPeerOutdated,
+    /// The witness lifted the peer's mark: lift the metadata's too, if still primary.
+    PeerMarkLifted,
+    /// Give up the primary role (`stale`: and call this copy Outdated); then, if `lapsed`,
+    /// record that the lease of that epoch lapsed (`State::lapsed_in`), which only a lapse
+    /// sets and anything else that outdates the copy clears.
+    StepDown {
+        why: String,
+        stale: bool,
+        lapsed: Option<u64>,
+    },
+    /// This copy is UpToDate again (persist it, unless it changed meanwhile).
+    UpToDateAgain { why: String },
+    /// The fence state changed to this (already in `State`): wake held writes, tell others.
+    Fenced(Fence),
+    /// The lease became valid again: wake writes held for it.
+    Changed,
+    /// Worth a line in the log.
+    Log(String),
+}
+
+/// The machine. Besides the node's `State` it keeps only what is under way.
+#[derive(Debug)]
+pub struct Duty {
+    me: String,
+    peer: String,
+    fencing: Fencing,
+    lease: Duration,
+    retry: Duration,
+    /// Fencing the peer is under way for this epoch.
+    fencing_for: Option<u64>,
+    /// The epoch whose lease is kept.
+    keeping: Option<u64>,
+}
+
+/// Below this, a renewal without the peer is not worth sending.
+const LEAST_RENEWAL: Duration = Duration::from_millis(50);
+
+impl Duty {
+    pub fn new(me: &str, peer: &str, fencing: Fencing, lease: Duration, retry: Duration) -> Self {
+        Duty {
+            me: me.into(),
+            peer: peer.into(),
+            fencing,
+            lease,
+            retry,
+            fencing_for: None,
+            keeping: None,
+        }
+    }
+
+    /// Fencing the peer is under way.
+    pub fn fencing(&self) -> bool {
+        self.fencing_for.is_some()
+    }
+
+    pub fn apply(&mut self, st: &mut State, v: &View, ev: Event) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match ev {
+            Event::FencePeer => {
+                // A round under way goes on, for the current epoch.
+                if self.fencing_for.replace(v.epoch).is_none() {
+                    self.fence_step(st, v, &mut out);
+                }
+            }
+            Event::Tick(Tick::Fence) => {
+                if self.fencing_for.is_some() {
+                    self.fence_step(st, v, &mut out);
+                }
+            }
+            Event::Promoted { epoch } => {
+                if self.fencing == Fencing::Witness && self.keeping != Some(epoch) {
+                    self.keeping = Some(epoch);
+                    self.next_renewal(st, v, epoch, &mut out);
+                }
+            }
+            Event::Tick(Tick::Lease { epoch }) => self.renew(st, v, epoch, &mut out),
+            Event::PeerInSync { link } => self.peer_in_sync(st, v, link, &mut out),
+            Event::Tick(Tick::Again(ask)) => self.ask_again(st, v, ask, &mut out),
+            Event::Answer { ask, sent, reply } => self.answer(st, v, ask, sent, reply, &mut out),
+            Event::Handler(d) => self.handler_verdict(st, v, d, &mut out),
+        }
+        out
+    }
+
+    fn set_fence(st: &mut State, f: Fence, out: &mut Vec<Effect>) {
+        if st.set_fence(f.clone()) {
+            out.push(Effect::Fenced(f));
+        }
+    }
+
+    fn ask(&self, v: &View, ask: Ask, limit: Option<Duration>, out: &mut Vec<Effect>) {
+        out.push(Effect::Ask {
+            ask,
+            sent: v.now,
+            limit,
+        });
+    }
+
+    /// One round of fencing: done when a link is back or the role is gone.
+    fn fence_step(&mut self, st: &mut State, v: &View, out: &mut Vec<Effect>) {
+        let Some(epoch) = self.fencing_for else {
+            return;
+        };
+        if v.link.is_some() {
+            out.push(Effect::Log(
+                "peer reconnected before fencing finished: held writes are resent".into(),
+            ));
+            Self::set_fence(st, Fence::Clear, out);
+            self.fencing_for = None;
+            return;
+        }
+        if st.role() != Role::Primary {
+            self.fencing_for = None;
+            return;
+        }
+        match self.fencing {
+            Fencing::Witness => self.ask(v, Ask::Outdate { epoch }, None, out),
+            Fencing::Handler => out.push(Effect::RunHandler),
+            Fencing::None => self.fencing_for = None,
+        }
+    }
+
+    fn handler_verdict(
+        &mut self,
+        st: &mut State,
+        v: &View,
+        d: HandlerDecision,
+        out: &mut Vec<Effect>,
+    ) {
+        if self.fencing_for.is_none() {
+            return;
+        }
+        match d {
+            // DRBD 9: a link that came back meanwhile makes the result moot.
+            HandlerDecision::PeerFenced(_) if v.link.is_some() => self.fence_step(st, v, out),
+            HandlerDecision::PeerFenced(why) => {
+                self.fencing_for = None;
+                out.push(Effect::RecordPeerOutdated);
+                Self::set_fence(st, Fence::PeerOutdated(why), out);
+            }
+            HandlerDecision::OutdateMyself(why) => {
+                self.fencing_for = None;
+                self.step_down(st, why, true, None, out);
+            }
+            HandlerDecision::Hold(why) => {
+                Self::set_fence(st, Fence::Pending(why), out);
+                out.push(Effect::After(self.retry, Tick::Fence));
+            }
+        }
+    }
+
+    /// The next renewal: at a third of the lease, or when it runs out if that is sooner.
+    fn next_renewal(&self, st: &State, v: &View, epoch: u64, out: &mut Vec<Effect>) {
+        let next = v.now + self.lease / 3;
+        let at = st.lease_until().map_or(next, |u| u.min(next));
+        out.push(Effect::After(
+            at.saturating_duration_since(v.now),
+            Tick::Lease { epoch },
+        ));
+    }
+
+    fn renew(&mut self, st: &mut State, v: &View, epoch: u64, out: &mut Vec<Effect>) {
+        if self.keeping != Some(epoch) {
+            return;
+        }
+        if st.role() != Role::Primary || v.epoch != epoch {
+            self.keeping = None;
+            return;
+        }
+        if self.lease_ran_out(st, v, out) {
+            return;
+        }
+        // Without the peer, a renewal that cannot finish before the lease runs out is given
+        // up then (and tried again at once if the lease is still useful).
+        let limit = match v.link {
+            Some(_) => None,
+            None => Some(
+                st.lease_until()
+                    .map_or(Duration::ZERO, |t| t.saturating_duration_since(v.now))
+                    .max(LEAST_RENEWAL),
+            ),
+        };
+        self.ask(v, Ask::Renew { epoch }, limit, out);
+    }
+
+    /// A primary without a valid lease and without the peer stops (true). Its data stays
+    /// UpToDate if the peer is marked outdated: the witness refuses the peer any epoch (short
+    /// of an operator's force), so nobody can have written what this copy lacks.
+    fn lease_ran_out(&mut self, st: &mut State, v: &View, out: &mut Vec<Effect>) -> bool {
+        let Some(stale) = lease_lapse(st.lease_valid(v.now), v.link.is_some(), v.peer_outdated)
+        else {
+            return false;
+        };
+        let why = "the lease expired and the peer is not connected".to_string();
+        let lapsed = stale.then_some(v.epoch);
+        self.step_down(st, why, stale, lapsed, out);
+        if let Some(epoch) = lapsed {
+            self.ask(v, Ask::Lapse { epoch }, None, out);
+        }
+        true
+    }
+
+    fn step_down(
+        &mut self,
+        st: &mut State,
+        why: String,
+        stale: bool,
+        lapsed: Option<u64>,
+        out: &mut Vec<Effect>,
+    ) {
+        self.keeping = None;
+        st.lease_dropped();
+        Self::set_fence(st, Fence::Lost(why.clone()), out);
+        out.push(Effect::StepDown { why, stale, lapsed });
+    }
+
+    fn peer_in_sync(&mut self, st: &mut State, v: &View, link: u64, out: &mut Vec<Effect>) {
+        Self::set_fence(st, Fence::Clear, out);
+        if self.fencing == Fencing::Witness {
+            self.ask_again(
+                st,
+                v,
+                Ask::InSync {
+                    epoch: v.epoch,
+                    link,
+                },
+                out,
+            );
+        } else {
+            out.push(Effect::PeerMarkLifted);
+        }
+    }
+
+    /// Whether an outstanding question is still worth asking.
+    fn still_wanted(&self, st: &State, v: &View, ask: &Ask) -> bool {
+        match *ask {
+            Ask::Outdate { .. } => self.fencing_for.is_some(),
+            Ask::Renew { epoch } => self.keeping == Some(epoch),
+            // Only for the link the peer was found in sync on: after a new handshake it may
+            // be behind again, and lifting its mark then lets it take over without the
+            // writes it lacks (simulator seeds 1449178 and 1590153).
+            Ask::InSync { epoch, link } => {
+                st.role() == Role::Primary && v.link == Some(link) && v.epoch == epoch
+            }
+            // Given up if the copy changed meanwhile (a resync, another reason to be Outdated).
+            Ask::Lapse { epoch } => {
+                st.lapsed_in == Some(epoch) && st.disk() == DiskState::Outdated && v.epoch == epoch
+            }
+        }
+    }
+
+    fn ask_again(&mut self, st: &mut State, v: &View, ask: Ask, out: &mut Vec<Effect>) {
+        match ask {
+            Ask::Outdate { .. } => self.fence_step(st, v, out),
+            Ask::Renew { epoch } => self.renew(st, v, epoch, out),
+            _ if self.still_wanted(st, v, &ask) => self.ask(v, ask, None, out),
+            _ => {}
+        }
+    }
+
+    fn answer(
+        &mut self,
+        st: &mut State,
+        v: &View,
+        ask: Ask,
+        sent: Instant,
+        reply: Result<Reply, String>,
+        out: &mut Vec<Effect>,
+    ) {
+        match ask {
+            Ask::Outdate { epoch } => self.outdate_answer(st, v, epoch, sent, reply, out),
+            Ask::Renew { epoch } => self.renew_answer(st, v, epoch, sent, reply, out),
+            Ask::InSync { .. } => match reply {
+                Ok(Reply::Ok) => out.push(Effect::PeerMarkLifted),
+                Ok(other) => out.push(Effect::Log(format!(
+                    "the witness did not clear the peer's outdated mark: {other:?}"
+                ))),
+                Err(e) => {
+                    if self.still_wanted(st, v, &ask) {
+                        out.push(Effect::Log(format!(
+                            "cannot tell the witness the peer is in sync (retrying): {e}"
+                        )));
+                    }
+                    out.push(Effect::After(self.retry, Tick::Again(ask)));
+                }
+            },
+            Ask::Lapse { epoch } => match reply {
+                Ok(Reply::State {
+                    epoch: we,
+                    holder,
+                    outdated,
+                    ..
+                }) => {
+                    let w = WitnessView {
+                        epoch: we,
+                        holder,
+                        outdated,
+                    };
+                    if we == epoch && w.names_holder(&self.me) && self.still_wanted(st, v, &ask) {
+                        out.push(Effect::UpToDateAgain {
+                            why: format!(
+                                "the witness still names this node the holder of epoch \
+                                 {epoch}: nobody took over after its lease ran out"
+                            ),
+                        });
+                    }
+                }
+                Ok(other) => out.push(Effect::Log(format!(
+                    "unexpected witness reply to a query: {other:?}"
+                ))),
+                Err(_) => out.push(Effect::After(self.retry, Tick::Again(ask))),
+            },
+        }
+    }
+
+    fn outdate_answer(
+        &mut self,
+        st: &mut State,
+        v: &View,
+        epoch: u64,
+        sent: Instant,
+        reply: Result<Reply, String>,
+        out: &mut Vec<Effect>,
+    ) {
+        match self.fencing_for {
+            None => return,
+            // Promoted again meanwhile: fence for the new epoch.
+            Some(e) if e != epoch => return self.fence_step(st, v, out),
+            Some(_) => {}
+        }
+        match reply.as_ref().map(witness_verdict) {
+            Ok(WitnessVerdict::Yes) => {
+                self.fencing_for = None;
+                out.push(Effect::RecordPeerOutdated);
+                // The lease ran out during the round trip: the mark is all that is left.
+                if st.role() != Role::Primary {
+                    return;
+                }
+                self.renewed(st, v, sent, out);
+                if let Some(link) = v.link {
+                    // The peer came back during the round trip: writes go to it again, and
+                    // the mark the witness just set is lifted as soon as it is in sync (the
+                    // handshake's lift may have run first).
+                    if v.peer_connected_in_sync {
+                        self.peer_in_sync(st, v, link, out);
+                    }
+                    return;
+                }
+                let f = Fence::PeerOutdated(format!(
+                    "witness outdated {} for epoch {epoch}",
+                    self.peer
+                ));
+                Self::set_fence(st, f, out);
+            }
+            Ok(WitnessVerdict::Superseded(why)) => {
+                self.fencing_for = None;
+                self.step_down(st, why, true, None, out);
+            }
+            Ok(WitnessVerdict::Undecided(what)) => {
+                Self::set_fence(
+                    st,
+                    Fence::Pending(format!("{what} to outdate; writes held")),
+                    out,
+                );
+                out.push(Effect::After(self.retry, Tick::Fence));
+            }
+            Err(e) => {
+                let f = Fence::Pending(format!(
+                    "cannot reach the witness to fence {} ({e}); writes held",
+                    self.peer
+                ));
+                Self::set_fence(st, f, out);
+                out.push(Effect::After(self.retry, Tick::Fence));
+            }
+        }
+    }
+
+    fn renew_answer(
+        &mut self,
+        st: &mut State,
+        v: &View,
+        epoch: u64,
+        sent: Instant,
+        reply: Result<Reply, String>,
+        out: &mut Vec<Effect>,
+    ) {
+        if self.keeping != Some(epoch) {
+            return;
+        }
+        match reply.as_ref().map(witness_verdict) {
+            Ok(WitnessVerdict::Yes) => self.renewed(st, v, sent, out),
+            Ok(WitnessVerdict::Superseded(why)) => {
+                self.step_down(st, why, true, None, out);
+                return;
+            }
+            Ok(WitnessVerdict::Undecided(what)) => {
+                st.lease_trouble(what);
+            }
+            Err(e) => {
+                if st.lease_trouble(format!("cannot renew: {e}")) {
+                    out.push(Effect::Log(format!("cannot renew the lease: {e}")));
+                }
+            }
+        }
+        if self.lease_ran_out(st, v, out) {
+            return;
+        }
+        self.next_renewal(st, v, epoch, out);
+    }
+
+    /// The witness (re)granted the lease for a request sent at `sent`.
+    fn renewed(&self, st: &mut State, v: &View, sent: Instant, out: &mut Vec<Effect>) {
+        if st.lease_renewed(lease_until(sent, self.lease), v.now) {
+            // Writes held for a valid lease look again.
+            out.push(Effect::Changed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::witness::proto::Refusal;
+
+    const LEASE: Duration = Duration::from_secs(2);
+    const RETRY: Duration = Duration::from_millis(200);
+
+    fn duty() -> Duty {
+        Duty::new("alpha", "beta", Fencing::Witness, LEASE, RETRY)
+    }
+
+    fn primary() -> State {
+        let mut st = State::new(DiskState::UpToDate);
+        st.promoted();
+        st
+    }
+
+    fn view(now: Instant) -> View {
+        View {
+            now,
+            epoch: 3,
+            link: None,
+            peer_connected_in_sync: false,
+            peer_outdated: false,
+        }
+    }
+
+    fn asks(out: &[Effect]) -> Vec<Ask> {
+        out.iter()
+            .filter_map(|e| match e {
+                Effect::Ask { ask, .. } => Some(ask.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lost_peer_is_fenced_once_and_writes_go_on_when_the_witness_outdates_it() {
+        let t = Instant::now();
+        let (mut d, mut st, v) = (duty(), primary(), view(t));
+        let out = d.apply(&mut st, &v, Event::FencePeer);
+        assert_eq!(asks(&out), vec![Ask::Outdate { epoch: 3 }]);
+        // A second loss while the first round is under way asks nothing more.
+        assert!(d.apply(&mut st, &v, Event::FencePeer).is_empty());
+        // Out of reach: writes stay held, and it is asked again later.
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask: Ask::Outdate { epoch: 3 },
+                sent: t,
+                reply: Err("timeout".into()),
+            },
+        );
+        assert!(matches!(st.fence(), Fence::Pending(_)));
+        assert!(out.contains(&Effect::After(RETRY, Tick::Fence)));
+        let out = d.apply(&mut st, &v, Event::Tick(Tick::Fence));
+        assert_eq!(asks(&out), vec![Ask::Outdate { epoch: 3 }]);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask: Ask::Outdate { epoch: 3 },
+                sent: t,
+                reply: Ok(Reply::PeerOutdated { epoch: 3 }),
+            },
+        );
+        assert!(out.contains(&Effect::RecordPeerOutdated));
+        assert!(matches!(st.fence(), Fence::PeerOutdated(_)));
+        assert!(st.lease_valid(t), "the answer renewed the lease");
+        assert!(!d.fencing());
+    }
+
+    #[test]
+    fn a_superseded_primary_steps_down_and_a_returning_link_ends_fencing() {
+        let t = Instant::now();
+        let (mut d, mut st, v) = (duty(), primary(), view(t));
+        d.apply(&mut st, &v, Event::FencePeer);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask: Ask::Outdate { epoch: 3 },
+                sent: t,
+                reply: Ok(Reply::Refused(Refusal::Superseded {
+                    epoch: 4,
+                    holder: Some("beta".into()),
+                })),
+            },
+        );
+        assert!(out
+            .iter()
+            .any(|e| matches!(e, Effect::StepDown { stale: true, .. })));
+        assert!(matches!(st.fence(), Fence::Lost(_)));
+
+        let (mut d, mut st) = (duty(), primary());
+        d.apply(&mut st, &v, Event::FencePeer);
+        let back = View {
+            link: Some(9),
+            ..v.clone()
+        };
+        let out = d.apply(&mut st, &back, Event::Tick(Tick::Fence));
+        assert!(asks(&out).is_empty());
+        assert_eq!(st.fence(), &Fence::Clear);
+        assert!(!d.fencing());
+    }
+
+    #[test]
+    fn a_lease_that_runs_out_without_the_peer_gives_up_the_role_and_asks_who_took_over() {
+        let t = Instant::now();
+        let (mut d, mut st) = (duty(), primary());
+        let out = d.apply(&mut st, &view(t), Event::Promoted { epoch: 3 });
+        assert_eq!(
+            out,
+            vec![Effect::After(LEASE / 3, Tick::Lease { epoch: 3 })]
+        );
+        // No lease was ever granted here: the first tick finds it run out.
+        let later = view(t + LEASE);
+        let out = d.apply(&mut st, &later, Event::Tick(Tick::Lease { epoch: 3 }));
+        assert!(out
+            .iter()
+            .any(|e| matches!(e, Effect::StepDown { stale: true, .. })));
+        assert_eq!(asks(&out), vec![Ask::Lapse { epoch: 3 }]);
+        // The effect, run: a secondary with an Outdated copy whose lease lapsed. The witness
+        // still names it.
+        st.stepped_down();
+        st.outdated();
+        st.lapsed_in = Some(3);
+        let out = d.apply(
+            &mut st,
+            &later,
+            Event::Answer {
+                ask: Ask::Lapse { epoch: 3 },
+                sent: t,
+                reply: Ok(Reply::State {
+                    epoch: 3,
+                    holder: Some("alpha".into()),
+                    outdated: vec![],
+                    lease_remaining_ms: Some(0),
+                }),
+            },
+        );
+        assert!(out
+            .iter()
+            .any(|e| matches!(e, Effect::UpToDateAgain { .. })));
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_role_and_schedules_the_next() {
+        let t = Instant::now();
+        let (mut d, mut st) = (duty(), primary());
+        st.lease_renewed(t + LEASE, t);
+        d.apply(&mut st, &view(t), Event::Promoted { epoch: 3 });
+        let v = view(t + LEASE / 3);
+        let out = d.apply(&mut st, &v, Event::Tick(Tick::Lease { epoch: 3 }));
+        assert_eq!(asks(&out), vec![Ask::Renew { epoch: 3 }]);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask: Ask::Renew { epoch: 3 },
+                sent: v.now,
+                reply: Ok(Reply::Renewed { epoch: 3 }),
+            },
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Effect::After(_, Tick::Lease { epoch: 3 }))
+        ));
+        assert_eq!(st.role(), Role::Primary);
+        // A tick of an older epoch's lease is ignored.
+        assert!(d
+            .apply(&mut st, &v, Event::Tick(Tick::Lease { epoch: 2 }))
+            .is_empty());
+    }
+
+    #[test]
+    fn the_peer_mark_is_lifted_only_for_the_link_it_was_found_in_sync_on() {
+        let t = Instant::now();
+        let (mut d, mut st) = (duty(), primary());
+        let v = View {
+            link: Some(5),
+            ..view(t)
+        };
+        let out = d.apply(&mut st, &v, Event::PeerInSync { link: 5 });
+        let ask = Ask::InSync { epoch: 3, link: 5 };
+        assert_eq!(asks(&out), vec![ask.clone()]);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask: ask.clone(),
+                sent: t,
+                reply: Err("timeout".into()),
+            },
+        );
+        assert!(out.contains(&Effect::After(RETRY, Tick::Again(ask.clone()))));
+        // A new link came up meanwhile: the retry asks nothing.
+        let relinked = View {
+            link: Some(6),
+            ..v.clone()
+        };
+        assert!(d
+            .apply(&mut st, &relinked, Event::Tick(Tick::Again(ask.clone())))
+            .is_empty());
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask,
+                sent: t,
+                reply: Ok(Reply::Ok),
+            },
+        );
+        assert_eq!(out, vec![Effect::PeerMarkLifted]);
+    }
+
+    #[test]
+    fn handler_fencing_waits_for_proof_and_a_returning_link_makes_it_moot() {
+        let t = Instant::now();
+        let mut d = Duty::new("alpha", "beta", Fencing::Handler, LEASE, RETRY);
+        let mut st = primary();
+        let v = view(t);
+        assert_eq!(
+            d.apply(&mut st, &v, Event::FencePeer),
+            vec![Effect::RunHandler]
+        );
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Handler(HandlerDecision::Hold("no".into())),
+        );
+        assert!(out.contains(&Effect::After(RETRY, Tick::Fence)));
+        assert_eq!(
+            d.apply(&mut st, &v, Event::Tick(Tick::Fence)),
+            vec![Effect::RunHandler]
+        );
+        let back = View {
+            link: Some(1),
+            ..v.clone()
+        };
+        let out = d.apply(
+            &mut st,
+            &back,
+            Event::Handler(HandlerDecision::PeerFenced("stonith".into())),
+        );
+        assert!(!out.contains(&Effect::RecordPeerOutdated));
+        assert_eq!(st.fence(), &Fence::Clear);
+        assert!(!d.fencing());
+    }
+}
