@@ -1583,23 +1583,7 @@ impl Sim {
     }
 
     fn auto_promote(&mut self, i: usize) {
-        let n = &self.nodes[i];
-        if n.st.role() == Role::Primary || n.promoting {
-            return;
-        }
-        // `begin_promotion`: nothing to take over while linked to a primary.
-        if n.link
-            .as_ref()
-            .is_some_and(|l| l.peer.role == Role::Primary)
-        {
-            return;
-        }
-        if n.st.disk() != DiskState::UpToDate {
-            return;
-        }
-        self.nodes[i].promoting = true;
-        let peer_in_sync = self.peer_connected_in_sync(i);
-        self.acquire(i, peer_in_sync);
+        self.duty(i, duty::Event::TakeOver);
     }
 
     fn acquire(&mut self, i: usize, peer_in_sync: bool) {
@@ -1780,17 +1764,47 @@ impl Sim {
                 .meta
                 .as_ref()
                 .is_some_and(|m| m.superblock().flags.peer_outdated),
+            peer_primary: n
+                .link
+                .as_ref()
+                .is_some_and(|l| l.peer.role == Role::Primary),
         };
         let n = &mut self.nodes[i];
         let effects = n.duty.apply(&mut n.st, &v, ev);
         for e in effects {
             match e {
+                // `hold_links`; here also refused while the operator's promotion is under way.
+                Effect::HoldLinks => {
+                    let n = &self.nodes[i];
+                    if n.promoting || v.peer_primary {
+                        self.duty(i, duty::Event::LinksNotHeld);
+                        return;
+                    }
+                    self.nodes[i].promoting = true;
+                }
+                Effect::ReleaseLinks => self.nodes[i].promoting = false,
+                Effect::BecomePrimary {
+                    epoch, peer_fenced, ..
+                } => {
+                    let epoch = epoch.expect("the simulated pair fences with the witness");
+                    self.become_primary(i, epoch, peer_fenced);
+                    self.nodes[i].promoting = false;
+                    self.duty(i, duty::Event::PromotionEnded);
+                }
+                Effect::OutdateMyself(_) => self.outdate_myself(i),
+                Effect::Note(note) => {
+                    if let Some(note) = note {
+                        self.log(format!("{}: {note}", NAMES[i]));
+                    }
+                }
                 Effect::Ask { ask, sent, limit } => {
                     let req = ask.request(NAMES[1 - i]);
                     let limit = limit.map_or(WITNESS_TIMEOUT, |d| d.as_micros() as Micros);
                     self.witness_call(i, req, Purpose::Duty { ask, sent }, limit);
                 }
-                Effect::RunHandler => unreachable!("the simulated pair fences with the witness"),
+                Effect::RunHandler { .. } => {
+                    unreachable!("the simulated pair fences with the witness")
+                }
                 Effect::After(d, t) => self.timer(i, Timer::Duty(t), d.as_micros() as Micros),
                 Effect::Fenced(f) => self.log(format!("{}: fence {f:?}", NAMES[i])),
                 // Held writes look again after every event (`settle_holds`).

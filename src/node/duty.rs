@@ -1,6 +1,7 @@
 //! A node's standing business with the witness (or the fence handler) as one state machine:
 //! fencing the peer a primary lost, keeping the lease, asking after a lapsed lease whether
-//! anybody took over, and lifting the peer's outdated mark once it is in sync again.
+//! anybody took over, lifting the peer's outdated mark once it is in sync again, and taking
+//! over from a primary that disappeared.
 //!
 //! `Duty::apply` takes one event and the node's `State`, changes the state with plain
 //! synchronous code and returns what must happen next as effects: questions to the witness,
@@ -12,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use super::core::State;
 use super::decide::WitnessView;
-use super::rules::{lease_lapse, lease_until, witness_verdict, Fence, WitnessVerdict};
+use super::rules::{
+    acquire_outcome, lease_lapse, lease_until, witness_verdict, Acquire, Fence, WitnessVerdict,
+};
 use super::{DiskState, Role};
 use crate::config::Fencing;
 use crate::fence::handler::HandlerDecision;
@@ -29,6 +32,12 @@ pub enum Ask {
     InSync { epoch: u64, link: u64 },
     /// After a lapsed lease: does the witness still name this node the holder of `epoch`?
     Lapse { epoch: u64 },
+    /// Take over: the epoch after `have_epoch`, outdating the peer unless it is `in_sync`.
+    Acquire {
+        have_epoch: u64,
+        lease_ms: u64,
+        in_sync: bool,
+    },
 }
 
 impl Ask {
@@ -45,6 +54,16 @@ impl Ask {
                 peer: peer.into(),
             },
             Ask::Lapse { .. } => Request::Query,
+            Ask::Acquire {
+                have_epoch,
+                lease_ms,
+                in_sync,
+            } => Request::Acquire {
+                have_epoch,
+                lease_ms,
+                outdate_peer: (!in_sync).then(|| peer.into()),
+                force: false,
+            },
         }
     }
 }
@@ -58,6 +77,8 @@ pub enum Tick {
     Lease { epoch: u64 },
     /// Ask again: the witness was out of reach.
     Again(Ask),
+    /// Try taking over again.
+    TakeOver,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,7 +98,16 @@ pub enum Event {
         reply: Result<Reply, String>,
     },
     /// The fence handler's verdict (`Effect::RunHandler`).
-    Handler(HandlerDecision),
+    Handler {
+        takeover: bool,
+        verdict: HandlerDecision,
+    },
+    /// Take over from a primary that disappeared (or take back a role nobody took over).
+    TakeOver,
+    /// `Effect::HoldLinks` could not hold them: a link to a primary is up.
+    LinksNotHeld,
+    /// `Effect::BecomePrimary` has run (whether or not the role could be recorded).
+    PromotionEnded,
 }
 
 /// What the node knows besides its `State` when an event is applied.
@@ -92,6 +122,8 @@ pub struct View {
     pub peer_connected_in_sync: bool,
     /// The metadata's `peer_outdated` flag.
     pub peer_outdated: bool,
+    /// A link is up and the peer on it reported the primary role.
+    pub peer_primary: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,8 +135,28 @@ pub enum Effect {
         sent: Instant,
         limit: Option<Duration>,
     },
-    /// Run the fence handler; its verdict comes back as `Event::Handler`.
-    RunHandler,
+    /// Run the fence handler; its verdict comes back as `Event::Handler` with the same
+    /// `takeover` (false: fencing the lost peer; true: taking over from it).
+    RunHandler {
+        takeover: bool,
+    },
+    /// No link may come up until `ReleaseLinks` or the end of `BecomePrimary`: one that came
+    /// up during the witness's round trip would carry the old primary's writes to a node
+    /// about to accept its own. If a link to a primary is up already, the driver runs none
+    /// of the effects after this one and applies `Event::LinksNotHeld`.
+    HoldLinks,
+    ReleaseLinks,
+    /// Take the primary role (persisted first), then release the links; `Event::PromotionEnded`
+    /// follows. `peer_fenced`: the fencing that granted the role fenced the peer too.
+    BecomePrimary {
+        epoch: Option<u64>,
+        why: String,
+        peer_fenced: bool,
+    },
+    /// Call this copy Outdated (persisted): it will not promote automatically.
+    OutdateMyself(String),
+    /// What status shows about an automatic takeover (`None`: nothing to say).
+    Note(Option<String>),
     /// Deliver `Event::Tick` after the delay.
     After(Duration, Tick),
     /// Persist the peer's outdated mark.
@@ -120,7 +172,9 @@ pub enum Effect {
         lapsed: Option<u64>,
     },
     /// This copy is UpToDate again (persist it, unless it changed meanwhile).
-    UpToDateAgain { why: String },
+    UpToDateAgain {
+        why: String,
+    },
     /// The fence state changed to this (already in `State`): wake held writes, tell others.
     Fenced(Fence),
     /// The lease became valid again: wake writes held for it.
@@ -141,6 +195,8 @@ pub struct Duty {
     fencing_for: Option<u64>,
     /// The epoch whose lease is kept.
     keeping: Option<u64>,
+    /// Taking over is under way (links are held).
+    taking_over: bool,
 }
 
 /// Below this, a renewal without the peer is not worth sending.
@@ -156,6 +212,7 @@ impl Duty {
             retry,
             fencing_for: None,
             keeping: None,
+            taking_over: false,
         }
     }
 
@@ -188,9 +245,146 @@ impl Duty {
             Event::PeerInSync { link } => self.peer_in_sync(st, v, link, &mut out),
             Event::Tick(Tick::Again(ask)) => self.ask_again(st, v, ask, &mut out),
             Event::Answer { ask, sent, reply } => self.answer(st, v, ask, sent, reply, &mut out),
-            Event::Handler(d) => self.handler_verdict(st, v, d, &mut out),
+            Event::Handler {
+                takeover: true,
+                verdict,
+            } => {
+                if self.taking_over {
+                    self.takeover_verdict(verdict, &mut out);
+                }
+            }
+            Event::Handler { verdict, .. } => self.handler_verdict(st, v, verdict, &mut out),
+            Event::TakeOver | Event::Tick(Tick::TakeOver) => self.take_over(st, v, &mut out),
+            Event::LinksNotHeld => {
+                self.taking_over = false;
+                out.push(Effect::Note(None));
+            }
+            Event::PromotionEnded => self.taking_over = false,
         }
         out
+    }
+
+    /// A secondary whose primary disappeared asks for the next epoch (or runs the handler)
+    /// until promoted, refused for good, or the primary is back.
+    fn take_over(&mut self, st: &State, v: &View, out: &mut Vec<Effect>) {
+        if self.taking_over {
+            return;
+        }
+        if st.role() == Role::Primary || v.peer_primary {
+            out.push(Effect::Note(None));
+            return;
+        }
+        if st.disk() != DiskState::UpToDate {
+            let why = format!("not promoting: disk is {}", st.disk().as_str());
+            out.push(Effect::Note(Some(why)));
+            return;
+        }
+        match self.fencing {
+            Fencing::Witness => {
+                self.taking_over = true;
+                out.push(Effect::HoldLinks);
+                let ask = Ask::Acquire {
+                    have_epoch: v.epoch,
+                    lease_ms: self.lease.as_millis() as u64,
+                    in_sync: v.peer_connected_in_sync,
+                };
+                self.ask(v, ask, None, out);
+            }
+            // The old primary is back as a secondary: nothing to fence.
+            Fencing::Handler if v.link.is_some() => {
+                self.taking_over = true;
+                out.push(Effect::HoldLinks);
+                out.push(Effect::BecomePrimary {
+                    epoch: None,
+                    why: format!("{} stepped down", self.peer),
+                    peer_fenced: false,
+                });
+            }
+            Fencing::Handler => {
+                self.taking_over = true;
+                out.push(Effect::HoldLinks);
+                out.push(Effect::RunHandler { takeover: true });
+            }
+            Fencing::None => {}
+        }
+    }
+
+    /// The end of one attempt that did not promote: links come back, and maybe a retry.
+    fn takeover_failed(&mut self, note: String, retry: Option<Duration>, out: &mut Vec<Effect>) {
+        self.taking_over = false;
+        out.push(Effect::ReleaseLinks);
+        out.push(Effect::Note(Some(note)));
+        if let Some(d) = retry {
+            out.push(Effect::After(d, Tick::TakeOver));
+        }
+    }
+
+    fn takeover_verdict(&mut self, d: HandlerDecision, out: &mut Vec<Effect>) {
+        match d {
+            HandlerDecision::PeerFenced(why) => {
+                out.push(Effect::RecordPeerOutdated);
+                out.push(Effect::BecomePrimary {
+                    epoch: None,
+                    why,
+                    peer_fenced: true,
+                });
+            }
+            HandlerDecision::OutdateMyself(why) => {
+                out.push(Effect::OutdateMyself(why.clone()));
+                self.takeover_failed(format!("not promoting: {why}"), None, out);
+            }
+            HandlerDecision::Hold(why) => {
+                self.takeover_failed(format!("not promoting: {why}"), Some(self.retry), out)
+            }
+        }
+    }
+
+    fn acquire_answer(
+        &mut self,
+        st: &mut State,
+        v: &View,
+        in_sync: bool,
+        sent: Instant,
+        reply: Result<Reply, String>,
+        out: &mut Vec<Effect>,
+    ) {
+        if !self.taking_over {
+            return;
+        }
+        let outcome = reply
+            .map_err(Acquire::Unreachable)
+            .and_then(|r| acquire_outcome(r, self.lease));
+        match outcome {
+            Ok(epoch) => {
+                self.renewed(st, v, sent, out);
+                if !in_sync {
+                    out.push(Effect::RecordPeerOutdated);
+                }
+                out.push(Effect::BecomePrimary {
+                    epoch: Some(epoch),
+                    why: format!("{} was lost; the witness granted epoch {epoch}", self.peer),
+                    peer_fenced: !in_sync,
+                });
+            }
+            Err(Acquire::Outdated(why)) => {
+                // Connected, the handshake (or resync) already made this copy what the peer
+                // has; only a lost peer leaves it possibly stale.
+                if v.link.is_none() {
+                    out.push(Effect::OutdateMyself(why.clone()));
+                }
+                self.takeover_failed(format!("not promoting: {why}"), None, out);
+            }
+            // Ask again the moment the old lease may be taken over.
+            Err(Acquire::Wait(why, until)) => {
+                let retry = until.map_or(self.retry, |d| d + Duration::from_millis(2));
+                self.takeover_failed(format!("waiting to promote: {why}"), Some(retry), out);
+            }
+            Err(Acquire::Unreachable(why)) => self.takeover_failed(
+                format!("not promoting: witness unreachable ({why}); nobody promotes without it"),
+                Some(self.retry),
+                out,
+            ),
+        }
     }
 
     fn set_fence(st: &mut State, f: Fence, out: &mut Vec<Effect>) {
@@ -226,7 +420,7 @@ impl Duty {
         }
         match self.fencing {
             Fencing::Witness => self.ask(v, Ask::Outdate { epoch }, None, out),
-            Fencing::Handler => out.push(Effect::RunHandler),
+            Fencing::Handler => out.push(Effect::RunHandler { takeover: false }),
             Fencing::None => self.fencing_for = None,
         }
     }
@@ -357,6 +551,7 @@ impl Duty {
             Ask::Lapse { epoch } => {
                 st.lapsed_in == Some(epoch) && st.disk() == DiskState::Outdated && v.epoch == epoch
             }
+            Ask::Acquire { .. } => self.taking_over,
         }
     }
 
@@ -381,6 +576,7 @@ impl Duty {
         match ask {
             Ask::Outdate { epoch } => self.outdate_answer(st, v, epoch, sent, reply, out),
             Ask::Renew { epoch } => self.renew_answer(st, v, epoch, sent, reply, out),
+            Ask::Acquire { in_sync, .. } => self.acquire_answer(st, v, in_sync, sent, reply, out),
             Ask::InSync { .. } => match reply {
                 Ok(Reply::Ok) => out.push(Effect::PeerMarkLifted),
                 Ok(other) => out.push(Effect::Log(format!(
@@ -553,6 +749,7 @@ mod tests {
             link: None,
             peer_connected_in_sync: false,
             peer_outdated: false,
+            peer_primary: false,
         }
     }
 
@@ -747,6 +944,93 @@ mod tests {
     }
 
     #[test]
+    fn a_secondary_takes_over_only_with_an_epoch_and_holds_links_meanwhile() {
+        let t = Instant::now();
+        let mut d = duty();
+        let mut st = State::new(DiskState::UpToDate);
+        let v = view(t);
+        let out = d.apply(&mut st, &v, Event::TakeOver);
+        let ask = Ask::Acquire {
+            have_epoch: 3,
+            lease_ms: 2000,
+            in_sync: false,
+        };
+        assert_eq!(out[0], Effect::HoldLinks);
+        assert_eq!(asks(&out), vec![ask.clone()]);
+        assert!(
+            d.apply(&mut st, &v, Event::TakeOver).is_empty(),
+            "one attempt at a time"
+        );
+        // The old lease still runs: links come back, and it asks again when it may.
+        let held = Reply::Refused(Refusal::LeaseHeld {
+            holder: "beta".into(),
+            epoch: 3,
+            remaining_ms: 700,
+        });
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask: ask.clone(),
+                sent: t,
+                reply: Ok(held),
+            },
+        );
+        assert_eq!(out[0], Effect::ReleaseLinks);
+        assert!(out.contains(&Effect::After(Duration::from_millis(702), Tick::TakeOver)));
+        let out = d.apply(&mut st, &v, Event::Tick(Tick::TakeOver));
+        assert_eq!(asks(&out), vec![ask.clone()]);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask,
+                sent: t,
+                reply: Ok(Reply::Granted { epoch: 4 }),
+            },
+        );
+        assert!(out.contains(&Effect::RecordPeerOutdated));
+        assert!(out.iter().any(|e| matches!(
+            e,
+            Effect::BecomePrimary {
+                epoch: Some(4),
+                peer_fenced: true,
+                ..
+            }
+        )));
+        assert!(st.lease_valid(t));
+        d.apply(&mut st, &v, Event::PromotionEnded);
+
+        // The primary is back on a link, or this copy is not UpToDate: nothing to ask.
+        let back = View {
+            link: Some(2),
+            peer_primary: true,
+            ..v.clone()
+        };
+        assert_eq!(
+            d.apply(&mut st, &back, Event::TakeOver),
+            vec![Effect::Note(None)]
+        );
+        let mut outdated = State::new(DiskState::Outdated);
+        let out = d.apply(&mut outdated, &v, Event::TakeOver);
+        assert!(asks(&out).is_empty() && !out.contains(&Effect::HoldLinks));
+        // Refused for good: this copy is outdated, and it stops trying.
+        let out = d.apply(&mut st, &v, Event::TakeOver);
+        let ask = asks(&out).remove(0);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask,
+                sent: t,
+                reply: Ok(Reply::Refused(Refusal::Outdated { epoch: 3 })),
+            },
+        );
+        assert!(out.iter().any(|e| matches!(e, Effect::OutdateMyself(_))));
+        assert!(!out.iter().any(|e| matches!(e, Effect::After(..))));
+    }
+
+    #[test]
     fn handler_fencing_waits_for_proof_and_a_returning_link_makes_it_moot() {
         let t = Instant::now();
         let mut d = Duty::new("alpha", "beta", Fencing::Handler, LEASE, RETRY);
@@ -754,17 +1038,20 @@ mod tests {
         let v = view(t);
         assert_eq!(
             d.apply(&mut st, &v, Event::FencePeer),
-            vec![Effect::RunHandler]
+            vec![Effect::RunHandler { takeover: false }]
         );
         let out = d.apply(
             &mut st,
             &v,
-            Event::Handler(HandlerDecision::Hold("no".into())),
+            Event::Handler {
+                takeover: false,
+                verdict: HandlerDecision::Hold("no".into()),
+            },
         );
         assert!(out.contains(&Effect::After(RETRY, Tick::Fence)));
         assert_eq!(
             d.apply(&mut st, &v, Event::Tick(Tick::Fence)),
-            vec![Effect::RunHandler]
+            vec![Effect::RunHandler { takeover: false }]
         );
         let back = View {
             link: Some(1),
@@ -773,7 +1060,10 @@ mod tests {
         let out = d.apply(
             &mut st,
             &back,
-            Event::Handler(HandlerDecision::PeerFenced("stonith".into())),
+            Event::Handler {
+                takeover: false,
+                verdict: HandlerDecision::PeerFenced("stonith".into()),
+            },
         );
         assert!(!out.contains(&Effect::RecordPeerOutdated));
         assert_eq!(st.fence(), &Fence::Clear);

@@ -179,10 +179,7 @@ impl Node {
                 self.set_fence(fence);
                 self.duty(DutyEvent::FencePeer);
             }
-            OnLinkLost::TakeOver => {
-                let n = self.clone();
-                tokio::spawn(async move { n.auto_promote().await });
-            }
+            OnLinkLost::TakeOver => self.duty(DutyEvent::TakeOver),
             OnLinkLost::Note(note) => self.set_note(Some(note)),
             OnLinkLost::Nothing => {}
         }
@@ -250,91 +247,6 @@ impl Node {
         }
     }
 
-    /// Secondary side: the primary disappeared. Ask for the next epoch (or run the handler)
-    /// until promoted, refused for good, or the link is back.
-    async fn auto_promote(self: Arc<Self>) {
-        loop {
-            if self.role() == Role::Primary {
-                self.set_note(None);
-                return;
-            }
-            // No link may come up from here until the role is decided (see begin_promotion).
-            let Some(gate) = self.begin_promotion() else {
-                self.set_note(None);
-                return;
-            };
-            let disk = self.state().disk();
-            if disk != DiskState::UpToDate {
-                self.set_note(Some(format!("not promoting: disk is {}", disk.as_str())));
-                return;
-            }
-            match self.cfg.failover.fencing {
-                Fencing::Witness => {
-                    let in_sync = self.peer_connected_in_sync();
-                    match self.acquire(in_sync, false).await {
-                        Ok(epoch) => {
-                            let why = format!(
-                                "{} was lost; the witness granted epoch {epoch}",
-                                self.peer_cfg.name
-                            );
-                            self.auto_become_primary(Some(epoch), &why, !in_sync).await;
-                            drop(gate);
-                            return;
-                        }
-                        Err(Acquire::Outdated(why)) => {
-                            // Connected, the handshake (or resync) already made this copy
-                            // what the peer has; only a lost peer leaves it possibly stale.
-                            if self.link().is_none() {
-                                self.outdate_myself(&why);
-                            }
-                            self.set_note(Some(format!("not promoting: {why}")));
-                            return;
-                        }
-                        Err(Acquire::Wait(why, until)) => {
-                            self.set_note(Some(format!("waiting to promote: {why}")));
-                            if let Some(d) = until {
-                                drop(gate);
-                                // Ask again the moment the old lease may be taken over.
-                                tokio::time::sleep(d + Duration::from_millis(2)).await;
-                                continue;
-                            }
-                        }
-                        Err(Acquire::Unreachable(why)) => self.set_note(Some(format!(
-                        "not promoting: witness unreachable ({why}); nobody promotes without it"
-                    ))),
-                    }
-                }
-                // The old primary is back as a secondary: nothing to fence.
-                Fencing::Handler if self.link().is_some() => {
-                    let why = format!("{} stepped down", self.peer_cfg.name);
-                    self.auto_become_primary(None, &why, false).await;
-                    drop(gate);
-                    return;
-                }
-                Fencing::Handler => match handler::decide(&self.run_handler().await, true) {
-                    HandlerDecision::PeerFenced(why) => {
-                        self.record_peer_outdated();
-                        self.auto_become_primary(None, &why, true).await;
-                        drop(gate);
-                        return;
-                    }
-                    HandlerDecision::OutdateMyself(why) => {
-                        self.outdate_myself(&why);
-                        self.set_note(Some(format!("not promoting: {why}")));
-                        return;
-                    }
-                    HandlerDecision::Hold(why) => {
-                        self.set_note(Some(format!("not promoting: {why}")))
-                    }
-                },
-                Fencing::None => return,
-            }
-            // The peer may come back meanwhile.
-            drop(gate);
-            tokio::time::sleep(self.fence_retry()).await;
-        }
-    }
-
     /// `auto_promotion_blocked` for this node as it stands.
     fn takeover_blocked(&self, peer_was_primary: bool) -> Option<String> {
         let st = self.state();
@@ -358,8 +270,7 @@ impl Node {
         if peer_secondary && self.takeover_blocked(true).is_none() && self.state().lost_primary_role
         {
             tracing::warn!("nobody took over the primary role this node lost: taking it back");
-            let n = self.clone();
-            tokio::spawn(async move { n.auto_promote().await });
+            self.duty(DutyEvent::TakeOver);
         }
     }
 
@@ -868,9 +779,10 @@ impl Node {
     /// the same step.
     fn duty_apply(&self, core: &mut Duty, ev: DutyEvent) -> Vec<Effect> {
         let link = self.link();
-        let peer_up_to_date = link
-            .as_ref()
-            .is_some_and(|l| l.peer.lock().unwrap().disk == DiskState::UpToDate);
+        let (peer_up_to_date, peer_primary) = link.as_ref().map_or((false, false), |l| {
+            let p = l.peer.lock().unwrap();
+            (p.disk == DiskState::UpToDate, p.role == Role::Primary)
+        });
         let mut st = self.state();
         let (epoch, peer_outdated) = {
             let m = self.meta();
@@ -882,6 +794,7 @@ impl Node {
             link: link.map(|l| l.id),
             peer_connected_in_sync: peer_up_to_date && st.conn() == super::runtime::Conn::Connected,
             peer_outdated,
+            peer_primary,
         };
         core.apply(&mut st, &view, ev)
     }
@@ -909,9 +822,14 @@ async fn run_duty(
     let mut timers: BTreeMap<(Instant, u64), Tick> = BTreeMap::new();
     let mut armed = 0u64;
     let mut calls: tokio::task::JoinSet<DutyEvent> = tokio::task::JoinSet::new();
+    // Events the driver itself gives back (`Event::LinksNotHeld`), taken before new ones.
+    let mut own: Option<DutyEvent> = None;
     loop {
         let due = timers.keys().next().map(|k| k.0);
-        let ev = tokio::select! {
+        let ev = if let Some(ev) = own.take() {
+            ev
+        } else {
+            tokio::select! {
             ev = rx.recv() => match ev {
                 Some(ev) => ev,
                 None => return,
@@ -926,6 +844,7 @@ async fn run_duty(
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
                 let (_, tick) = timers.pop_first().expect("a timer is due");
                 DutyEvent::Tick(tick)
+            }
             }
         };
         let Some(n) = node.upgrade() else { return };
@@ -942,13 +861,41 @@ async fn run_duty(
                         DutyEvent::Answer { ask, sent, reply }
                     });
                 }
-                Effect::RunHandler => {
-                    let up = n.state().disk() == DiskState::UpToDate;
+                Effect::RunHandler { takeover } => {
+                    let up = takeover || n.state().disk() == DiskState::UpToDate;
                     let n = n.clone();
                     calls.spawn(async move {
-                        DutyEvent::Handler(handler::decide(&n.run_handler().await, up))
+                        let verdict = handler::decide(&n.run_handler().await, up);
+                        DutyEvent::Handler { takeover, verdict }
                     });
                 }
+                Effect::HoldLinks => {
+                    if !n.hold_links() {
+                        own = Some(DutyEvent::LinksNotHeld);
+                        break;
+                    }
+                }
+                Effect::ReleaseLinks => n.release_links(),
+                Effect::BecomePrimary {
+                    epoch,
+                    why,
+                    peer_fenced,
+                } => {
+                    if let Some(epoch) = epoch {
+                        n.event(
+                            "fencing",
+                            json!({"decision": "epoch granted", "epoch": epoch, "peer_outdated": peer_fenced}),
+                        );
+                    }
+                    let n = n.clone();
+                    calls.spawn(async move {
+                        n.auto_become_primary(epoch, &why, peer_fenced).await;
+                        n.release_links();
+                        DutyEvent::PromotionEnded
+                    });
+                }
+                Effect::OutdateMyself(why) => n.outdate_myself(&why),
+                Effect::Note(note) => n.set_note(note),
                 Effect::After(d, tick) => {
                     armed += 1;
                     timers.insert((Instant::now() + d, armed), tick);

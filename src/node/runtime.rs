@@ -34,15 +34,6 @@ impl LinkSlot {
     }
 }
 
-/// Links are held off while this lives (see `Node::begin_promotion`).
-pub struct PromotionGate<'a>(&'a Node);
-
-impl Drop for PromotionGate<'_> {
-    fn drop(&mut self) {
-        self.0.link.lock().unwrap().promoting = false;
-    }
-}
-
 pub struct Node {
     pub cfg: Config,
     pub me: NodeConfig,
@@ -142,21 +133,26 @@ impl Node {
         Ok(())
     }
 
-    /// Close the gate for links while this node takes over from a lost primary: no link may
-    /// come up between the decision to promote and the new role (a link that came up during
-    /// the witness's round trip would carry the old primary's writes to a node that is about
-    /// to accept its own). `None` if a link to a primary peer is up: it is back, nothing to
-    /// take over. A link to a secondary peer (the old primary stepped down) stays.
-    pub fn begin_promotion(&self) -> Option<PromotionGate<'_>> {
+    /// Hold off new links while this node takes over from a lost primary: no link may come
+    /// up between the decision to promote and the new role (a link that came up during the
+    /// witness's round trip would carry the old primary's writes to a node that is about to
+    /// accept its own). False if a link to a primary peer is up: it is back, nothing to take
+    /// over. A link to a secondary peer (the old primary stepped down) stays.
+    pub fn hold_links(&self) -> bool {
         let mut slot = self.link.lock().unwrap();
         if slot
             .live()
             .is_some_and(|l| l.peer.lock().unwrap().role == Role::Primary)
         {
-            return None;
+            return false;
         }
         slot.promoting = true;
-        Some(PromotionGate(self))
+        true
+    }
+
+    /// Undo `hold_links`.
+    pub fn release_links(&self) {
+        self.link.lock().unwrap().promoting = false;
     }
 
     /// The link went away: forget it, and keep trying if the operator wants the link up.
