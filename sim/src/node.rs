@@ -14,7 +14,7 @@ use tandem::meta::fault::{MetaFault, MetaFaults, MetaPoint};
 use tandem::meta::{Generations, Meta, EXTENT_SIZE};
 use tandem::mutation::{self, Mutation};
 use tandem::node::core::{Conn, State};
-use tandem::node::decide::{self, EpochCheck, LinkPlan, PeerClaim, Side, WitnessView};
+use tandem::node::decide::{self, EpochCheck, LinkPlan, PeerClaim, Side};
 use tandem::node::duty::{self, Duty, Effect};
 use tandem::node::records;
 use tandem::node::rules::{
@@ -151,16 +151,12 @@ struct Resync {
 #[derive(Debug, Clone)]
 enum Purpose {
     /// A question of the node's witness duty (`tandem::node::duty`).
-    Duty {
-        ask: duty::Ask,
-        sent: Instant,
-    },
+    Duty { ask: duty::Ask, sent: Instant },
     Acquire {
         sent: Instant,
         peer_in_sync: bool,
         force: bool,
     },
-    Settle,
 }
 
 #[derive(Debug, Clone)]
@@ -185,7 +181,6 @@ enum Timer {
     /// A timer of the node's witness duty.
     Duty(duty::Tick),
     Promote,
-    Settle,
     /// The operator asks again for a forced promotion the witness refused for now.
     Force(u32),
     /// A resync whose end could not be recorded goes again.
@@ -988,7 +983,6 @@ impl Sim {
             }
             Timer::Duty(t) => self.duty(i, duty::Event::Tick(t)),
             Timer::Promote => self.auto_promote(i),
-            Timer::Settle => self.settle_identical_pair(i),
             Timer::Force(n) => self.force_promote(n),
             Timer::ResyncRetry => {
                 if let Some(rs) = self.nodes[i].resync.as_mut() {
@@ -1553,32 +1547,6 @@ impl Sim {
                     }
                 }
             }
-            Purpose::Settle => match rep {
-                Ok(Reply::State {
-                    epoch,
-                    holder,
-                    outdated,
-                    ..
-                }) => {
-                    let Some(peer) = self.identical_pair(i) else {
-                        return;
-                    };
-                    let me = Side::of(NAMES[i], &self.nodes[i].peer_state());
-                    let w = WitnessView {
-                        epoch,
-                        holder,
-                        outdated,
-                    };
-                    if decide::reclaim_identical_copy(&me, &peer, &w).is_some()
-                        && self.outdated_no_more(i)
-                    {
-                        self.nodes[i].st.lost_primary_role = true;
-                        self.lose_link(i, "reconnecting: this copy is UpToDate again");
-                    }
-                }
-                Ok(_) => {}
-                Err(()) => self.timer(i, Timer::Settle, FENCE_RETRY),
-            },
         }
     }
 
@@ -1768,6 +1736,14 @@ impl Sim {
                 .link
                 .as_ref()
                 .is_some_and(|l| l.peer.role == Role::Primary),
+            pair: n
+                .link
+                .as_ref()
+                .filter(|_| n.st.conn() == Conn::Connected)
+                .map(|l| {
+                    let me = Side::of(NAMES[i], &n.peer_state());
+                    (me, Side::of(NAMES[1 - i], &l.peer))
+                }),
         };
         let n = &mut self.nodes[i];
         let effects = n.duty.apply(&mut n.st, &v, ev);
@@ -1792,6 +1768,12 @@ impl Sim {
                     self.duty(i, duty::Event::PromotionEnded);
                 }
                 Effect::OutdateMyself(_) => self.outdate_myself(i),
+                Effect::Reclaim { .. } => {
+                    if self.outdated_no_more(i) {
+                        self.nodes[i].st.lost_primary_role = true;
+                        self.lose_link(i, "reconnecting: this copy is UpToDate again");
+                    }
+                }
                 Effect::Note(note) => {
                     if let Some(note) = note {
                         self.log(format!("{}: {note}", NAMES[i]));
@@ -1852,22 +1834,8 @@ impl Sim {
         }
     }
 
-    fn identical_pair(&self, i: usize) -> Option<Side> {
-        let n = &self.nodes[i];
-        let l = n.link.as_ref()?;
-        let peer = Side::of(NAMES[1 - i], &l.peer);
-        let me = Side::of(NAMES[i], &n.peer_state());
-        (n.st.conn() == Conn::Connected
-            && decide::nobody_promotable(&me, &peer).is_some()
-            && me.out_of_sync_bytes == 0
-            && peer.out_of_sync_bytes == 0)
-            .then_some(peer)
-    }
-
     fn settle_identical_pair(&mut self, i: usize) {
-        if self.identical_pair(i).is_some() {
-            self.witness_call(i, Request::Query, Purpose::Settle, WITNESS_TIMEOUT);
-        }
+        self.duty(i, duty::Event::Settle);
     }
 
     // ---- the write path (`replicated.rs`) ---------------------------------------------

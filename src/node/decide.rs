@@ -1022,6 +1022,14 @@ pub fn handshake_epochs(me: Role, my_epoch: u64, peer: Role, peer_epoch: u64) ->
     EpochCheck::Proceed
 }
 
+/// Two connected copies that are the same and neither promotable (the precondition of
+/// `reclaim_identical_copy`): nobody is primary or UpToDate, nothing is out of sync.
+pub fn identical_and_stuck(me: &Side, peer: &Side) -> bool {
+    nobody_promotable(me, peer).is_some()
+        && me.out_of_sync_bytes == 0
+        && peer.out_of_sync_bytes == 0
+}
+
 /// Connected with no primary and no UpToDate copy: nobody may be promoted without an
 /// operator. Returns what to tell them.
 pub fn nobody_promotable(me: &Side, peer: &Side) -> Option<String> {

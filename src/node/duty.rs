@@ -1,7 +1,8 @@
 //! A node's standing business with the witness (or the fence handler) as one state machine:
 //! fencing the peer a primary lost, keeping the lease, asking after a lapsed lease whether
-//! anybody took over, lifting the peer's outdated mark once it is in sync again, and taking
-//! over from a primary that disappeared.
+//! anybody took over, lifting the peer's outdated mark once it is in sync again, taking
+//! over from a primary that disappeared, and settling two identical copies that nobody may
+//! promote.
 //!
 //! `Duty::apply` takes one event and the node's `State`, changes the state with plain
 //! synchronous code and returns what must happen next as effects: questions to the witness,
@@ -12,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use super::core::State;
-use super::decide::WitnessView;
+use super::decide::{identical_and_stuck, reclaim_identical_copy, Side, WitnessView};
 use super::rules::{
     acquire_outcome, lease_lapse, lease_until, witness_verdict, Acquire, Fence, WitnessVerdict,
 };
@@ -32,6 +33,8 @@ pub enum Ask {
     InSync { epoch: u64, link: u64 },
     /// After a lapsed lease: does the witness still name this node the holder of `epoch`?
     Lapse { epoch: u64 },
+    /// Two identical copies, neither promotable: may this one be called UpToDate again?
+    Settle,
     /// Take over: the epoch after `have_epoch`, outdating the peer unless it is `in_sync`.
     Acquire {
         have_epoch: u64,
@@ -53,7 +56,7 @@ impl Ask {
                 epoch,
                 peer: peer.into(),
             },
-            Ask::Lapse { .. } => Request::Query,
+            Ask::Lapse { .. } | Ask::Settle => Request::Query,
             Ask::Acquire {
                 have_epoch,
                 lease_ms,
@@ -108,6 +111,9 @@ pub enum Event {
     LinksNotHeld,
     /// `Effect::BecomePrimary` has run (whether or not the role could be recorded).
     PromotionEnded,
+    /// A handshake or resync ended, or the peer's state changed: if the two copies are the
+    /// same and nobody may promote, ask the witness whether this one is current.
+    Settle,
 }
 
 /// What the node knows besides its `State` when an event is applied.
@@ -124,6 +130,8 @@ pub struct View {
     pub peer_outdated: bool,
     /// A link is up and the peer on it reported the primary role.
     pub peer_primary: bool,
+    /// This side and the peer's, while connected without a resync.
+    pub pair: Option<(Side, Side)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +165,12 @@ pub enum Effect {
     OutdateMyself(String),
     /// What status shows about an automatic takeover (`None`: nothing to say).
     Note(Option<String>),
+    /// This copy, identical to the peer's, is current (`reclaim_identical_copy`): call it
+    /// UpToDate, take the role back like a node that lost it, and drop the link so the next
+    /// handshake lifts the peer too.
+    Reclaim {
+        why: String,
+    },
     /// Deliver `Event::Tick` after the delay.
     After(Duration, Tick),
     /// Persist the peer's outdated mark.
@@ -260,8 +274,16 @@ impl Duty {
                 out.push(Effect::Note(None));
             }
             Event::PromotionEnded => self.taking_over = false,
+            Event::Settle => self.ask_again(st, v, Ask::Settle, &mut out),
         }
         out
+    }
+
+    /// The two sides, if they are connected, the same, and neither promotable.
+    fn stuck_pair(v: &View) -> Option<&(Side, Side)> {
+        v.pair
+            .as_ref()
+            .filter(|(me, peer)| identical_and_stuck(me, peer))
     }
 
     /// A secondary whose primary disappeared asks for the next epoch (or runs the handler)
@@ -552,6 +574,7 @@ impl Duty {
                 st.lapsed_in == Some(epoch) && st.disk() == DiskState::Outdated && v.epoch == epoch
             }
             Ask::Acquire { .. } => self.taking_over,
+            Ask::Settle => self.fencing == Fencing::Witness && Self::stuck_pair(v).is_some(),
         }
     }
 
@@ -577,6 +600,30 @@ impl Duty {
             Ask::Outdate { epoch } => self.outdate_answer(st, v, epoch, sent, reply, out),
             Ask::Renew { epoch } => self.renew_answer(st, v, epoch, sent, reply, out),
             Ask::Acquire { in_sync, .. } => self.acquire_answer(st, v, in_sync, sent, reply, out),
+            Ask::Settle => match reply {
+                Ok(Reply::State {
+                    epoch,
+                    holder,
+                    outdated,
+                    ..
+                }) => {
+                    let w = WitnessView {
+                        epoch,
+                        holder,
+                        outdated,
+                    };
+                    // Still the same pair after the round trip.
+                    if let Some((me, peer)) = Self::stuck_pair(v) {
+                        if let Some(why) = reclaim_identical_copy(me, peer, &w) {
+                            out.push(Effect::Reclaim { why });
+                        }
+                    }
+                }
+                Ok(other) => out.push(Effect::Log(format!(
+                    "unexpected witness reply to a query: {other:?}"
+                ))),
+                Err(_) => out.push(Effect::After(self.retry, Tick::Again(ask))),
+            },
             Ask::InSync { .. } => match reply {
                 Ok(Reply::Ok) => out.push(Effect::PeerMarkLifted),
                 Ok(other) => out.push(Effect::Log(format!(
@@ -750,6 +797,7 @@ mod tests {
             peer_connected_in_sync: false,
             peer_outdated: false,
             peer_primary: false,
+            pair: None,
         }
     }
 
@@ -1028,6 +1076,58 @@ mod tests {
         );
         assert!(out.iter().any(|e| matches!(e, Effect::OutdateMyself(_))));
         assert!(!out.iter().any(|e| matches!(e, Effect::After(..))));
+    }
+
+    #[test]
+    fn two_identical_stuck_copies_ask_the_witness_and_only_its_holder_reclaims() {
+        use crate::meta::Generations;
+        let t = Instant::now();
+        let mut d = duty();
+        let mut st = State::new(DiskState::Outdated);
+        let side = |node: &str| Side {
+            gens: Generations::default(),
+            role: Role::Secondary,
+            disk: DiskState::Outdated,
+            crashed_primary: false,
+            rolled_back: false,
+            peer_unflushed: false,
+            primary_epoch: 0,
+            out_of_sync_bytes: 0,
+            discard_my_data: false,
+            node: node.into(),
+        };
+        let v = View {
+            link: Some(1),
+            pair: Some((side("alpha"), side("beta"))),
+            ..view(t)
+        };
+        let out = d.apply(&mut st, &v, Event::Settle);
+        assert_eq!(asks(&out), vec![Ask::Settle]);
+        let state = |holder: &str| Reply::State {
+            epoch: 3,
+            holder: Some(holder.into()),
+            lease_remaining_ms: Some(0),
+            outdated: vec![],
+        };
+        let answer = |reply| Event::Answer {
+            ask: Ask::Settle,
+            sent: t,
+            reply,
+        };
+        let out = d.apply(&mut st, &v, answer(Ok(state("alpha"))));
+        assert!(matches!(out[..], [Effect::Reclaim { .. }]), "{out:?}");
+        assert!(d.apply(&mut st, &v, answer(Ok(state("beta")))).is_empty());
+        // Out of reach: asked again only while the pair is still stuck.
+        let out = d.apply(&mut st, &v, answer(Err("timeout".into())));
+        assert_eq!(out, vec![Effect::After(RETRY, Tick::Again(Ask::Settle))]);
+        let mut behind = v.clone();
+        behind.pair.as_mut().unwrap().1.out_of_sync_bytes = 4096;
+        assert!(d
+            .apply(&mut st, &behind, Event::Tick(Tick::Again(Ask::Settle)))
+            .is_empty());
+        assert!(d
+            .apply(&mut st, &behind, answer(Ok(state("alpha"))))
+            .is_empty());
     }
 
     #[test]

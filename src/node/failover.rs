@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::decide::{nobody_promotable, reclaim_identical_copy, Side, WitnessView};
+use super::decide::Side;
 use super::duty::{Duty, Effect, Event as DutyEvent, Tick, View};
 use super::records;
 use super::rules::{acquire_outcome, hold_decision, lease_until, HoldDecision, OnLinkLost};
@@ -185,32 +185,6 @@ impl Node {
         }
     }
 
-    /// The witness's state, asked again while it is unreachable and `wanted()` holds.
-    async fn witness_view(&self, wanted: impl Fn() -> bool) -> Option<WitnessView> {
-        while wanted() {
-            match self.witness(WRequest::Query).await {
-                Ok(WReply::State {
-                    epoch,
-                    holder,
-                    outdated,
-                    ..
-                }) => {
-                    return Some(WitnessView {
-                        epoch,
-                        holder,
-                        outdated,
-                    })
-                }
-                Ok(other) => {
-                    tracing::warn!("unexpected witness reply to a query: {other:?}");
-                    return None;
-                }
-                Err(_) => tokio::time::sleep(self.fence_retry()).await,
-            }
-        }
-        None
-    }
-
     fn fence_retry(&self) -> Duration {
         match self.cfg.failover.fencing {
             Fencing::Handler => HANDLER_RETRY,
@@ -281,37 +255,9 @@ impl Node {
     /// like a node that lost it, and drop the link so the next handshake lifts the peer too.
     /// Called when a handshake or a resync ends; retries while the witness is unreachable.
     pub(crate) fn settle_identical_pair(self: &Arc<Self>) {
-        if self.cfg.failover.fencing != Fencing::Witness || self.identical_pair().is_none() {
-            return;
+        if self.cfg.failover.fencing == Fencing::Witness {
+            self.duty(DutyEvent::Settle);
         }
-        let n = self.clone();
-        tokio::spawn(async move {
-            let Some(w) = n.witness_view(|| n.identical_pair().is_some()).await else {
-                return;
-            };
-            // Still the same pair after the round trip.
-            let Some(peer) = n.identical_pair() else {
-                return;
-            };
-            let me = Side::of(&n.me.name, &n.my_peer_state());
-            if let Some(why) = reclaim_identical_copy(&me, &peer, &w) {
-                n.reclaim_copy(&why).await;
-            }
-        });
-    }
-
-    /// The peer's side, if the two nodes are connected, nobody is promotable and nothing is
-    /// out of sync on either side (the precondition of `reclaim_identical_copy`).
-    fn identical_pair(&self) -> Option<Side> {
-        let link = self.link()?;
-        let peer = Side::of(&self.peer_cfg.name, &link.peer.lock().unwrap());
-        let me = Side::of(&self.me.name, &self.my_peer_state());
-        let connected = self.state().conn() == super::runtime::Conn::Connected;
-        (connected
-            && nobody_promotable(&me, &peer).is_some()
-            && me.out_of_sync_bytes == 0
-            && peer.out_of_sync_bytes == 0)
-            .then_some(peer)
     }
 
     async fn reclaim_copy(self: &Arc<Self>, why: &str) {
@@ -784,17 +730,28 @@ impl Node {
             (p.disk == DiskState::UpToDate, p.role == Role::Primary)
         });
         let mut st = self.state();
-        let (epoch, peer_outdated) = {
+        let connected = st.conn() == super::runtime::Conn::Connected;
+        let (epoch, peer_outdated, mine) = {
             let m = self.meta();
-            (m.superblock().epoch, m.superblock().flags.peer_outdated)
+            let mine = connected.then(|| records::peer_state(&m, &st));
+            (
+                m.superblock().epoch,
+                m.superblock().flags.peer_outdated,
+                mine,
+            )
         };
+        let pair = link.as_ref().zip(mine).map(|(l, mine)| {
+            let peer = Side::of(&self.peer_cfg.name, &l.peer.lock().unwrap());
+            (Side::of(&self.me.name, &mine), peer)
+        });
         let view = View {
             now: Instant::now(),
             epoch,
             link: link.map(|l| l.id),
-            peer_connected_in_sync: peer_up_to_date && st.conn() == super::runtime::Conn::Connected,
+            peer_connected_in_sync: peer_up_to_date && connected,
             peer_outdated,
             peer_primary,
+            pair,
         };
         core.apply(&mut st, &view, ev)
     }
@@ -821,7 +778,8 @@ async fn run_duty(
     // Keyed by due time, then arrival, so equal times keep their order.
     let mut timers: BTreeMap<(Instant, u64), Tick> = BTreeMap::new();
     let mut armed = 0u64;
-    let mut calls: tokio::task::JoinSet<DutyEvent> = tokio::task::JoinSet::new();
+    // Each ends with the event it answers with, if any.
+    let mut calls: tokio::task::JoinSet<Option<DutyEvent>> = tokio::task::JoinSet::new();
     // Events the driver itself gives back (`Event::LinksNotHeld`), taken before new ones.
     let mut own: Option<DutyEvent> = None;
     loop {
@@ -835,7 +793,8 @@ async fn run_duty(
                 None => return,
             },
             Some(done) = calls.join_next(), if !calls.is_empty() => match done {
-                Ok(ev) => ev,
+                Ok(Some(ev)) => ev,
+                Ok(None) => continue,
                 Err(e) => {
                     tracing::error!("a witness duty task failed: {e}");
                     continue;
@@ -858,7 +817,7 @@ async fn run_duty(
                             .witness_within(req, limit.unwrap_or(Duration::MAX))
                             .await
                             .map_err(|e| e.to_string());
-                        DutyEvent::Answer { ask, sent, reply }
+                        Some(DutyEvent::Answer { ask, sent, reply })
                     });
                 }
                 Effect::RunHandler { takeover } => {
@@ -866,7 +825,7 @@ async fn run_duty(
                     let n = n.clone();
                     calls.spawn(async move {
                         let verdict = handler::decide(&n.run_handler().await, up);
-                        DutyEvent::Handler { takeover, verdict }
+                        Some(DutyEvent::Handler { takeover, verdict })
                     });
                 }
                 Effect::HoldLinks => {
@@ -891,11 +850,18 @@ async fn run_duty(
                     calls.spawn(async move {
                         n.auto_become_primary(epoch, &why, peer_fenced).await;
                         n.release_links();
-                        DutyEvent::PromotionEnded
+                        Some(DutyEvent::PromotionEnded)
                     });
                 }
                 Effect::OutdateMyself(why) => n.outdate_myself(&why),
                 Effect::Note(note) => n.set_note(note),
+                Effect::Reclaim { why } => {
+                    let n = n.clone();
+                    calls.spawn(async move {
+                        n.reclaim_copy(&why).await;
+                        None
+                    });
+                }
                 Effect::After(d, tick) => {
                     armed += 1;
                     timers.insert((Instant::now() + d, armed), tick);
