@@ -36,10 +36,13 @@ pub enum Mutation {
     /// An activity-log transaction whose write or fdatasync failed leaves memory as it was:
     /// the extents it evicted stay hot in memory though the file may no longer hold them.
     AlForget,
+    /// A promotion takes the role even when the copy changed during the witness's round
+    /// trip (a handshake made it a sync target, or the peer primary).
+    PromotionRecheck,
 }
 
 impl Mutation {
-    pub const ALL: [Mutation; 11] = [
+    pub const ALL: [Mutation; 12] = [
         Mutation::LeaseCheck,
         Mutation::LinkLossFencing,
         Mutation::UnflushedSet,
@@ -51,6 +54,7 @@ impl Mutation {
         Mutation::SuperblockWriteBack,
         Mutation::PrimaryEpoch,
         Mutation::AlForget,
+        Mutation::PromotionRecheck,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Mutation {
             Mutation::SuperblockWriteBack => "superblock-write-back",
             Mutation::PrimaryEpoch => "primary-epoch",
             Mutation::AlForget => "al-forget",
+            Mutation::PromotionRecheck => "promotion-recheck",
         }
     }
 

@@ -17,9 +17,7 @@ use tandem::node::core::{Conn, State};
 use tandem::node::decide::{self, EpochCheck, LinkPlan, PeerClaim, Side};
 use tandem::node::duty::{self, Duty, Effect};
 use tandem::node::records;
-use tandem::node::rules::{
-    self, acquire_outcome, hold_decision, Acquire, Fence, HoldDecision, OnLinkLost,
-};
+use tandem::node::rules::{self, hold_decision, Fence, HoldDecision, OnLinkLost};
 use tandem::node::{DiskState, Role};
 use tandem::policy::SplitBrainPolicy;
 use tandem::repl::proto::PeerState;
@@ -152,11 +150,6 @@ struct Resync {
 enum Purpose {
     /// A question of the node's witness duty (`tandem::node::duty`).
     Duty { ask: duty::Ask, sent: Instant },
-    Acquire {
-        sent: Instant,
-        peer_in_sync: bool,
-        force: bool,
-    },
 }
 
 #[derive(Debug, Clone)]
@@ -180,7 +173,6 @@ enum Timer {
     Ping,
     /// A timer of the node's witness duty.
     Duty(duty::Tick),
-    Promote,
     /// The operator asks again for a forced promotion the witness refused for now.
     Force(u32),
     /// A resync whose end could not be recorded goes again.
@@ -330,6 +322,9 @@ pub struct Sim {
     active_faults: u32,
     healed_at: Option<Micros>,
     operator_at: Option<Micros>,
+    /// The operator's requests waiting for an answer: id -> (node, forced).
+    requests: HashMap<u64, (usize, bool)>,
+    next_request: u64,
     operator_turn: usize,
     /// Forced promotions so far: only after one may the copies split.
     /// What the client had acknowledged when the copies were last in sync.
@@ -480,6 +475,8 @@ impl Sim {
             active_faults: 0,
             healed_at: None,
             operator_at: None,
+            requests: HashMap::new(),
+            next_request: 0,
             operator_turn: 1,
             sync_snap: vec![0; NBLK],
             done: false,
@@ -982,7 +979,6 @@ impl Sim {
                 }
             }
             Timer::Duty(t) => self.duty(i, duty::Event::Tick(t)),
-            Timer::Promote => self.auto_promote(i),
             Timer::Force(n) => self.force_promote(n),
             Timer::ResyncRetry => {
                 if let Some(rs) = self.nodes[i].resync.as_mut() {
@@ -1468,13 +1464,6 @@ impl Sim {
         self.nodes[i].st.lease_valid(now)
     }
 
-    fn renewed(&mut self, i: usize, sent: Instant) {
-        let now = self.clock(i);
-        self.nodes[i]
-            .st
-            .lease_renewed(rules::lease_until(sent, LEASE), now);
-    }
-
     fn record_peer_outdated(&mut self, i: usize) {
         let _ = self.nodes[i]
             .meta()
@@ -1495,58 +1484,6 @@ impl Sim {
                 let reply = rep.map_err(|()| "no answer in time".to_string());
                 self.duty(i, duty::Event::Answer { ask, sent, reply });
             }
-            Purpose::Acquire {
-                sent,
-                peer_in_sync,
-                force,
-            } => {
-                self.nodes[i].promoting = false;
-                let outcome = match rep {
-                    Ok(r) => acquire_outcome(r, LEASE),
-                    Err(()) => Err(Acquire::Unreachable("timeout".into())),
-                };
-                match outcome {
-                    Ok(epoch) => {
-                        self.renewed(i, sent);
-                        if !peer_in_sync {
-                            self.record_peer_outdated(i);
-                        }
-                        let new_data = force && self.nodes[i].st.disk() != DiskState::UpToDate;
-                        if force {
-                            self.out.forced += 1;
-                            for b in 0..NBLK {
-                                let v = self.nodes[i].disk.read(b);
-                                self.expect.forced(b, v);
-                            }
-                            if !self.forced_data(i) {
-                                return;
-                            }
-                        }
-                        self.become_primary(i, epoch, !peer_in_sync);
-                        // `promote`: the peer becomes the sync target at once.
-                        if new_data && self.nodes[i].link.is_some() {
-                            self.lose_link(i, "re-handshaking after a forced promotion");
-                        }
-                    }
-                    Err(_) if force => {
-                        // The operator tries again (the old lease may still run).
-                        let n = self.nodes[i].force_tries + 1;
-                        self.timer(i, Timer::Force(n), 500 * MS);
-                    }
-                    Err(Acquire::Outdated(why)) => {
-                        if self.nodes[i].link.is_none() {
-                            self.outdate_myself(i);
-                        }
-                        self.log(format!("{}: not promoting: {why}", NAMES[i]));
-                    }
-                    Err(Acquire::Wait(_, Some(d))) => {
-                        self.timer(i, Timer::Promote, d.as_micros() as Micros + 2 * MS)
-                    }
-                    Err(Acquire::Wait(_, None) | Acquire::Unreachable(_)) => {
-                        self.timer(i, Timer::Promote, FENCE_RETRY)
-                    }
-                }
-            }
         }
     }
 
@@ -1554,28 +1491,27 @@ impl Sim {
         self.duty(i, duty::Event::TakeOver);
     }
 
-    fn acquire(&mut self, i: usize, peer_in_sync: bool) {
-        self.acquire_with(i, peer_in_sync, false);
+    /// `tandem primary [--force]` on node `i`, through its duty like `runtime::promote`.
+    fn promote(&mut self, i: usize, force: bool) {
+        self.next_request += 1;
+        let id = self.next_request;
+        self.requests.insert(id, (i, force));
+        self.duty(i, duty::Event::Promote { id, force });
     }
 
-    fn acquire_with(&mut self, i: usize, peer_in_sync: bool, force: bool) {
-        let sent = self.clock(i);
-        let req = Request::Acquire {
-            have_epoch: self.nodes[i].epoch(),
-            lease_ms: LEASE.as_millis() as u64,
-            outdate_peer: (!peer_in_sync).then(|| NAMES[1 - i].to_string()),
-            force,
+    /// The operator's request `id` was answered.
+    fn answered(&mut self, id: u64, refused: Option<String>) {
+        let Some((i, force)) = self.requests.remove(&id) else {
+            return;
         };
-        self.witness_call(
-            i,
-            req,
-            Purpose::Acquire {
-                sent,
-                peer_in_sync,
-                force,
-            },
-            WITNESS_TIMEOUT,
-        );
+        if let Some(why) = refused {
+            self.log(format!("{}: refused: {why}", NAMES[i]));
+            if force {
+                // The operator tries again (the old lease may still run).
+                let n = self.nodes[i].force_tries + 1;
+                self.timer(i, Timer::Force(n), 500 * MS);
+            }
+        }
     }
 
     /// `primary --force` (the operator's, in a fault) on a node that cannot see a primary;
@@ -1587,7 +1523,7 @@ impl Sim {
                 // Not a node an earlier resolution told to discard its data.
                 n.up && n.st.role() == Role::Secondary
                     && n.link.is_none()
-                    && !n.promoting
+                    && !n.duty.promoting()
                     && n.st.want_connect
                     && !n.st.discard_my_data
             })
@@ -1600,9 +1536,8 @@ impl Sim {
             return;
         }
         self.log(format!("operator: tandem primary --force on {}", NAMES[i]));
-        self.nodes[i].promoting = true;
         self.nodes[i].force_tries = tries;
-        self.acquire_with(i, false, true);
+        self.promote(i, true);
     }
 
     /// `runtime.rs`, `promote` with force: a copy that is not UpToDate becomes the reference
@@ -1760,13 +1695,41 @@ impl Sim {
                 }
                 Effect::ReleaseLinks => self.nodes[i].promoting = false,
                 Effect::BecomePrimary {
-                    epoch, peer_fenced, ..
+                    epoch,
+                    peer_fenced,
+                    forced,
+                    new_data,
+                    reply,
+                    ..
                 } => {
                     let epoch = epoch.expect("the simulated pair fences with the witness");
-                    self.become_primary(i, epoch, peer_fenced);
-                    self.nodes[i].promoting = false;
+                    if forced {
+                        self.out.forced += 1;
+                        for b in 0..NBLK {
+                            let v = self.nodes[i].disk.read(b);
+                            self.expect.forced(b, v);
+                        }
+                    }
+                    // `operator_become_primary`: the new reference is recorded first.
+                    let recorded = !new_data || self.forced_data(i);
+                    if recorded {
+                        self.become_primary(i, epoch, peer_fenced);
+                        // The peer becomes the sync target at once.
+                        if new_data && self.nodes[i].link.is_some() {
+                            self.lose_link(i, "re-handshaking after a forced promotion");
+                        }
+                    }
+                    match reply {
+                        Some(id) => {
+                            let refused = (!recorded).then(|| "metadata write failed".into());
+                            self.answered(id, refused);
+                        }
+                        None => self.nodes[i].promoting = false,
+                    }
                     self.duty(i, duty::Event::PromotionEnded);
                 }
+                Effect::Reply { id, .. } => self.answered(id, None),
+                Effect::Refuse { id, why } => self.answered(id, Some(why)),
                 Effect::OutdateMyself(_) => self.outdate_myself(i),
                 Effect::Reclaim { .. } => {
                     if self.outdated_no_more(i) {
@@ -2107,12 +2070,9 @@ impl Sim {
         for k in 0..2 {
             let i = (self.operator_turn + k) % 2;
             let n = &self.nodes[i];
-            if n.up && n.st.disk() == DiskState::UpToDate && !n.promoting {
+            if n.up && n.st.disk() == DiskState::UpToDate && !n.duty.promoting() {
                 self.log(format!("operator: tandem primary on {}", NAMES[i]));
-                // `promote` -> `fence_for_promotion`: the witness's next epoch.
-                self.nodes[i].promoting = true;
-                let peer_in_sync = self.peer_connected_in_sync(i);
-                self.acquire(i, peer_in_sync);
+                self.promote(i, false);
                 return;
             }
         }
@@ -2123,7 +2083,7 @@ impl Sim {
             n.up && n.link.is_some()
                 && n.st.conn() == Conn::Connected
                 && n.st.disk() == DiskState::Outdated
-                && !n.promoting
+                && !n.duty.promoting()
         });
         if stuck {
             let i = self.operator_turn % 2;
@@ -2131,8 +2091,7 @@ impl Sim {
                 "operator: no copy can take over; tandem primary --force on {}",
                 NAMES[i]
             ));
-            self.nodes[i].promoting = true;
-            self.acquire_with(i, false, true);
+            self.promote(i, true);
         }
     }
 

@@ -168,6 +168,15 @@ fn removing_a_metadata_write_back_is_caught_at_its_seed() {
     caught_at(450100, meta_eio, Mutation::AlForget);
 }
 
+/// Found once the simulator ran the node's own promotion code: a copy that a handshake made
+/// a sync target while the witness was asked for an epoch was made primary, Inconsistent,
+/// without becoming the reference (seed 11981, 1 of 20,000). A promotion now takes the role
+/// only if the copy is what it was when the promotion was asked for.
+#[test]
+fn a_copy_that_changed_during_the_promotion_is_not_promoted() {
+    caught_at(11981, options, Mutation::PromotionRecheck);
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let a = run(77, &options(None));

@@ -1,8 +1,9 @@
 //! A node's standing business with the witness (or the fence handler) as one state machine:
 //! fencing the peer a primary lost, keeping the lease, asking after a lapsed lease whether
 //! anybody took over, lifting the peer's outdated mark once it is in sync again, taking
-//! over from a primary that disappeared, and settling two identical copies that nobody may
-//! promote.
+//! over from a primary that disappeared, an operator's `tandem primary [--force]`, and
+//! settling two identical copies that nobody may promote. One promotion at a time: an
+//! operator's request while another is under way is refused.
 //!
 //! `Duty::apply` takes one event and the node's `State`, changes the state with plain
 //! synchronous code and returns what must happen next as effects: questions to the witness,
@@ -40,6 +41,7 @@ pub enum Ask {
         have_epoch: u64,
         lease_ms: u64,
         in_sync: bool,
+        force: bool,
     },
 }
 
@@ -61,11 +63,12 @@ impl Ask {
                 have_epoch,
                 lease_ms,
                 in_sync,
+                force,
             } => Request::Acquire {
                 have_epoch,
                 lease_ms,
                 outdate_peer: (!in_sync).then(|| peer.into()),
-                force: false,
+                force,
             },
         }
     }
@@ -107,6 +110,9 @@ pub enum Event {
     },
     /// Take over from a primary that disappeared (or take back a role nobody took over).
     TakeOver,
+    /// The operator's `tandem primary [--force]`; answered with `Effect::Reply` (or by the
+    /// `BecomePrimary` it leads to) under the same `id`.
+    Promote { id: u64, force: bool },
     /// `Effect::HoldLinks` could not hold them: a link to a primary is up.
     LinksNotHeld,
     /// `Effect::BecomePrimary` has run (whether or not the role could be recorded).
@@ -154,12 +160,29 @@ pub enum Effect {
     /// of the effects after this one and applies `Event::LinksNotHeld`.
     HoldLinks,
     ReleaseLinks,
-    /// Take the primary role (persisted first), then release the links; `Event::PromotionEnded`
-    /// follows. `peer_fenced`: the fencing that granted the role fenced the peer too.
+    /// Take the primary role (persisted first); `Event::PromotionEnded` follows.
+    /// `peer_fenced`: the fencing that granted the role fenced the peer too. `new_data`: the
+    /// copy was not UpToDate and becomes the reference (flushed, then a new generation, and
+    /// the link is dropped so the peer becomes its sync target). `reply`: an operator's
+    /// request, answered with the outcome; `None`: a takeover, whose links are released
+    /// once the role is taken.
     BecomePrimary {
         epoch: Option<u64>,
         why: String,
         peer_fenced: bool,
+        forced: bool,
+        new_data: bool,
+        reply: Option<u64>,
+    },
+    /// Answer an operator's request: nothing to do.
+    Reply {
+        id: u64,
+        text: String,
+    },
+    /// Refuse an operator's request.
+    Refuse {
+        id: u64,
+        why: String,
     },
     /// Call this copy Outdated (persisted): it will not promote automatically.
     OutdateMyself(String),
@@ -209,8 +232,17 @@ pub struct Duty {
     fencing_for: Option<u64>,
     /// The epoch whose lease is kept.
     keeping: Option<u64>,
-    /// Taking over is under way (links are held).
-    taking_over: bool,
+    /// A promotion under way.
+    promoting: Option<Promotion>,
+}
+
+/// A promotion under way: a takeover (links held) or an operator's request `reply`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Promotion {
+    reply: Option<u64>,
+    force: bool,
+    /// The copy's state when it was asked for.
+    disk: DiskState,
 }
 
 /// Below this, a renewal without the peer is not worth sending.
@@ -226,8 +258,13 @@ impl Duty {
             retry,
             fencing_for: None,
             keeping: None,
-            taking_over: false,
+            promoting: None,
         }
+    }
+
+    /// A promotion is under way.
+    pub fn promoting(&self) -> bool {
+        self.promoting.is_some()
     }
 
     /// Fencing the peer is under way.
@@ -262,18 +299,15 @@ impl Duty {
             Event::Handler {
                 takeover: true,
                 verdict,
-            } => {
-                if self.taking_over {
-                    self.takeover_verdict(verdict, &mut out);
-                }
-            }
+            } => self.takeover_verdict(st, v, verdict, &mut out),
             Event::Handler { verdict, .. } => self.handler_verdict(st, v, verdict, &mut out),
             Event::TakeOver | Event::Tick(Tick::TakeOver) => self.take_over(st, v, &mut out),
+            Event::Promote { id, force } => self.promote(st, v, id, force, &mut out),
             Event::LinksNotHeld => {
-                self.taking_over = false;
+                self.promoting = None;
                 out.push(Effect::Note(None));
             }
-            Event::PromotionEnded => self.taking_over = false,
+            Event::PromotionEnded => self.promoting = None,
             Event::Settle => self.ask_again(st, v, Ask::Settle, &mut out),
         }
         out
@@ -288,8 +322,8 @@ impl Duty {
 
     /// A secondary whose primary disappeared asks for the next epoch (or runs the handler)
     /// until promoted, refused for good, or the primary is back.
-    fn take_over(&mut self, st: &State, v: &View, out: &mut Vec<Effect>) {
-        if self.taking_over {
+    fn take_over(&mut self, st: &mut State, v: &View, out: &mut Vec<Effect>) {
+        if self.promoting.is_some() {
             return;
         }
         if st.role() == Role::Primary || v.peer_primary {
@@ -301,39 +335,152 @@ impl Duty {
             out.push(Effect::Note(Some(why)));
             return;
         }
+        if self.fencing == Fencing::None {
+            return;
+        }
+        self.promoting = Some(Promotion {
+            reply: None,
+            force: false,
+            disk: st.disk(),
+        });
+        out.push(Effect::HoldLinks);
         match self.fencing {
-            Fencing::Witness => {
-                self.taking_over = true;
-                out.push(Effect::HoldLinks);
-                let ask = Ask::Acquire {
-                    have_epoch: v.epoch,
-                    lease_ms: self.lease.as_millis() as u64,
-                    in_sync: v.peer_connected_in_sync,
-                };
-                self.ask(v, ask, None, out);
-            }
+            Fencing::Witness => self.acquire(v, false, out),
             // The old primary is back as a secondary: nothing to fence.
-            Fencing::Handler if v.link.is_some() => {
-                self.taking_over = true;
-                out.push(Effect::HoldLinks);
-                out.push(Effect::BecomePrimary {
-                    epoch: None,
-                    why: format!("{} stepped down", self.peer),
-                    peer_fenced: false,
-                });
-            }
-            Fencing::Handler => {
-                self.taking_over = true;
-                out.push(Effect::HoldLinks);
-                out.push(Effect::RunHandler { takeover: true });
-            }
-            Fencing::None => {}
+            Fencing::Handler if v.link.is_some() => self.grant(
+                st,
+                v,
+                None,
+                format!("{} stepped down", self.peer),
+                false,
+                out,
+            ),
+            _ => out.push(Effect::RunHandler { takeover: true }),
+        }
+    }
+
+    /// `tandem primary [--force]`: fencing first (the witness's epoch, or the handler's
+    /// proof); nothing changes locally if it refuses.
+    fn promote(&mut self, st: &mut State, v: &View, id: u64, force: bool, out: &mut Vec<Effect>) {
+        let refuse = |why: String, out: &mut Vec<Effect>| out.push(Effect::Refuse { id, why });
+        if self.promoting.is_some() {
+            return refuse("another promotion is under way; try again".into(), out);
+        }
+        if st.role() == Role::Primary {
+            return out.push(Effect::Reply {
+                id,
+                text: "already primary".into(),
+            });
+        }
+        if v.peer_primary {
+            let p = &self.peer;
+            return refuse(
+                format!("peer {p} is primary; demote it first (tandem secondary on {p})"),
+                out,
+            );
+        }
+        if st.disk() != DiskState::UpToDate && !force {
+            let why = format!(
+                "disk is {}; promoting would serve data that may be stale (use --force to \
+                 override)",
+                st.disk().as_str()
+            );
+            return refuse(why, out);
+        }
+        self.promoting = Some(Promotion {
+            reply: Some(id),
+            force,
+            disk: st.disk(),
+        });
+        match self.fencing {
+            Fencing::Witness => self.acquire(v, force, out),
+            Fencing::Handler if v.link.is_none() => out.push(Effect::RunHandler { takeover: true }),
+            Fencing::None if force && v.link.is_none() => self.grant(
+                st,
+                v,
+                None,
+                "forced, peer not connected: its data is not known to be outdated".into(),
+                true,
+                out,
+            ),
+            // Linked (a link lost later is fenced as a primary's), or no fencing at all.
+            _ => self.grant(
+                st,
+                v,
+                None,
+                "operator request".into(),
+                self.fencing == Fencing::None,
+                out,
+            ),
+        }
+    }
+
+    fn acquire(&self, v: &View, force: bool, out: &mut Vec<Effect>) {
+        let ask = Ask::Acquire {
+            have_epoch: v.epoch,
+            lease_ms: self.lease.as_millis() as u64,
+            in_sync: v.peer_connected_in_sync,
+            force,
+        };
+        self.ask(v, ask, None, out);
+    }
+
+    /// Fencing allowed the promotion under way: take the role, if the copy is still what it
+    /// was when the promotion was asked for. A handshake that ended during the witness's
+    /// round trip may have made it a sync target, or the peer a primary; taking the role then
+    /// made an Inconsistent copy primary without making it the reference (the simulator,
+    /// seed 11981, once it ran this code instead of its own copy).
+    fn grant(
+        &mut self,
+        st: &mut State,
+        v: &View,
+        epoch: Option<u64>,
+        why: String,
+        peer_fenced: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(p) = self.promoting else {
+            return;
+        };
+        let changed = st.disk() != p.disk || v.peer_primary;
+        if changed && !crate::mutation::active(crate::mutation::Mutation::PromotionRecheck) {
+            st.lease_dropped();
+            let now = if v.peer_primary {
+                format!("{} is primary now", self.peer)
+            } else {
+                format!("the disk is {} now", st.disk().as_str())
+            };
+            let why = format!("not promoted: the copy changed during the promotion ({now})");
+            return self.not_promoted(why, Some(self.retry), out);
+        }
+        let new_data = p.disk != DiskState::UpToDate;
+        let why = if new_data {
+            format!("{why} (forced: disk was {})", p.disk.as_str())
+        } else {
+            why
+        };
+        out.push(Effect::BecomePrimary {
+            epoch,
+            why,
+            peer_fenced,
+            forced: p.force,
+            new_data,
+            reply: p.reply,
+        });
+    }
+
+    /// The promotion under way did not happen. An operator's request is refused; a takeover
+    /// releases the links, says why in the status and may try again later.
+    fn not_promoted(&mut self, why: String, retry: Option<Duration>, out: &mut Vec<Effect>) {
+        match self.promoting.take().and_then(|p| p.reply) {
+            Some(id) => out.push(Effect::Refuse { id, why }),
+            None => self.takeover_failed(why, retry, out),
         }
     }
 
     /// The end of one attempt that did not promote: links come back, and maybe a retry.
     fn takeover_failed(&mut self, note: String, retry: Option<Duration>, out: &mut Vec<Effect>) {
-        self.taking_over = false;
+        self.promoting = None;
         out.push(Effect::ReleaseLinks);
         out.push(Effect::Note(Some(note)));
         if let Some(d) = retry {
@@ -341,22 +488,46 @@ impl Duty {
         }
     }
 
-    fn takeover_verdict(&mut self, d: HandlerDecision, out: &mut Vec<Effect>) {
+    fn takeover_verdict(
+        &mut self,
+        st: &mut State,
+        v: &View,
+        d: HandlerDecision,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(p) = self.promoting else {
+            return;
+        };
+        let operator = p.reply.is_some();
         match d {
             HandlerDecision::PeerFenced(why) => {
                 out.push(Effect::RecordPeerOutdated);
-                out.push(Effect::BecomePrimary {
-                    epoch: None,
-                    why,
-                    peer_fenced: true,
-                });
+                self.grant(st, v, None, why, true, out);
             }
             HandlerDecision::OutdateMyself(why) => {
                 out.push(Effect::OutdateMyself(why.clone()));
-                self.takeover_failed(format!("not promoting: {why}"), None, out);
+                let why = if operator {
+                    why
+                } else {
+                    format!("not promoting: {why}")
+                };
+                self.not_promoted(why, None, out);
             }
+            HandlerDecision::Hold(why) if p.force => self.grant(
+                st,
+                v,
+                None,
+                format!("forced although the peer is not fenced: {why}"),
+                true,
+                out,
+            ),
+            HandlerDecision::Hold(why) if operator => self.not_promoted(
+                format!("the peer is not proven outdated: {why} (use --force to override)"),
+                None,
+                out,
+            ),
             HandlerDecision::Hold(why) => {
-                self.takeover_failed(format!("not promoting: {why}"), Some(self.retry), out)
+                self.not_promoted(format!("not promoting: {why}"), Some(self.retry), out)
             }
         }
     }
@@ -370,23 +541,42 @@ impl Duty {
         reply: Result<Reply, String>,
         out: &mut Vec<Effect>,
     ) {
-        if !self.taking_over {
+        let Some(p) = self.promoting else {
             return;
-        }
+        };
         let outcome = reply
             .map_err(Acquire::Unreachable)
             .and_then(|r| acquire_outcome(r, self.lease));
+        if p.reply.is_some() {
+            return match outcome {
+                Ok(epoch) => {
+                    self.renewed(st, v, sent, out);
+                    if !in_sync {
+                        out.push(Effect::RecordPeerOutdated);
+                    }
+                    let why = format!("operator request; the witness granted epoch {epoch}");
+                    self.grant(st, v, Some(epoch), why, !in_sync, out);
+                }
+                Err(Acquire::Outdated(why) | Acquire::Wait(why, _)) => {
+                    self.not_promoted(format!("the witness refused: {why}"), None, out)
+                }
+                Err(Acquire::Unreachable(why)) => self.not_promoted(
+                    format!(
+                        "cannot reach the witness ({why}); promotion needs it (fencing = \"witness\")"
+                    ),
+                    None,
+                    out,
+                ),
+            };
+        }
         match outcome {
             Ok(epoch) => {
                 self.renewed(st, v, sent, out);
                 if !in_sync {
                     out.push(Effect::RecordPeerOutdated);
                 }
-                out.push(Effect::BecomePrimary {
-                    epoch: Some(epoch),
-                    why: format!("{} was lost; the witness granted epoch {epoch}", self.peer),
-                    peer_fenced: !in_sync,
-                });
+                let why = format!("{} was lost; the witness granted epoch {epoch}", self.peer);
+                self.grant(st, v, Some(epoch), why, !in_sync, out);
             }
             Err(Acquire::Outdated(why)) => {
                 // Connected, the handshake (or resync) already made this copy what the peer
@@ -573,7 +763,7 @@ impl Duty {
             Ask::Lapse { epoch } => {
                 st.lapsed_in == Some(epoch) && st.disk() == DiskState::Outdated && v.epoch == epoch
             }
-            Ask::Acquire { .. } => self.taking_over,
+            Ask::Acquire { .. } => self.promoting.is_some(),
             Ask::Settle => self.fencing == Fencing::Witness && Self::stuck_pair(v).is_some(),
         }
     }
@@ -1002,6 +1192,7 @@ mod tests {
             have_epoch: 3,
             lease_ms: 2000,
             in_sync: false,
+            force: false,
         };
         assert_eq!(out[0], Effect::HoldLinks);
         assert_eq!(asks(&out), vec![ask.clone()]);
@@ -1128,6 +1319,124 @@ mod tests {
         assert!(d
             .apply(&mut st, &behind, answer(Ok(state("alpha"))))
             .is_empty());
+    }
+
+    #[test]
+    fn an_operator_promotion_is_refused_or_granted_and_one_runs_at_a_time() {
+        let t = Instant::now();
+        let mut d = duty();
+        let v = view(t);
+        let mut inconsistent = State::new(DiskState::Inconsistent);
+        let out = d.apply(
+            &mut inconsistent,
+            &v,
+            Event::Promote {
+                id: 1,
+                force: false,
+            },
+        );
+        assert!(
+            matches!(&out[..], [Effect::Refuse { id: 1, why }] if why.contains("--force")),
+            "{out:?}"
+        );
+        let mut st = State::new(DiskState::UpToDate);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Promote {
+                id: 2,
+                force: false,
+            },
+        );
+        assert!(
+            !out.contains(&Effect::HoldLinks),
+            "an operator's promotion holds no links"
+        );
+        let ask = asks(&out).remove(0);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Promote {
+                id: 3,
+                force: false,
+            },
+        );
+        assert!(matches!(&out[..], [Effect::Refuse { id: 3, .. }]));
+        assert!(d.apply(&mut st, &v, Event::TakeOver).is_empty());
+        // The witness says wait: the operator hears it at once (no retry behind its back).
+        let held = Reply::Refused(Refusal::LeaseHeld {
+            holder: "beta".into(),
+            epoch: 3,
+            remaining_ms: 700,
+        });
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask: ask.clone(),
+                sent: t,
+                reply: Ok(held),
+            },
+        );
+        assert!(
+            matches!(&out[..], [Effect::Refuse { id: 2, why }] if why.contains("the witness refused")),
+            "{out:?}"
+        );
+        assert!(!d.promoting());
+        // Granted: the role is taken and the request answered by it.
+        let out = d.apply(&mut st, &v, Event::Promote { id: 4, force: true });
+        let ask = asks(&out).remove(0);
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask,
+                sent: t,
+                reply: Ok(Reply::Granted { epoch: 4 }),
+            },
+        );
+        assert!(out.iter().any(|e| matches!(
+            e,
+            Effect::BecomePrimary {
+                epoch: Some(4),
+                forced: true,
+                new_data: false,
+                reply: Some(4),
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_copy_that_changed_during_the_round_trip_is_not_promoted() {
+        let t = Instant::now();
+        let mut d = duty();
+        let v = view(t);
+        let mut st = State::new(DiskState::UpToDate);
+        let out = d.apply(&mut st, &v, Event::Promote { id: 1, force: true });
+        let ask = asks(&out).remove(0);
+        // A handshake ended meanwhile and made this copy a sync target.
+        st.invalidated();
+        let out = d.apply(
+            &mut st,
+            &v,
+            Event::Answer {
+                ask,
+                sent: t,
+                reply: Ok(Reply::Granted { epoch: 4 }),
+            },
+        );
+        assert!(
+            matches!(out.last(), Some(Effect::Refuse { id: 1, why }) if why.contains("Inconsistent")),
+            "{out:?}"
+        );
+        assert!(!out
+            .iter()
+            .any(|e| matches!(e, Effect::BecomePrimary { .. })));
+        assert!(
+            !st.lease_valid(t),
+            "the lease of an epoch not taken is not kept"
+        );
     }
 
     #[test]

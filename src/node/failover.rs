@@ -12,13 +12,13 @@ use serde_json::{json, Value};
 use super::decide::Side;
 use super::duty::{Duty, Effect, Event as DutyEvent, Tick, View};
 use super::records;
-use super::rules::{acquire_outcome, hold_decision, lease_until, HoldDecision, OnLinkLost};
 pub use super::rules::{auto_promotion_blocked, lease_margin, Acquire, Fence};
+use super::rules::{hold_decision, HoldDecision, OnLinkLost};
 use super::runtime::Node;
 use super::{DiskState, Role};
 use crate::config::Fencing;
 use crate::failure::Failure;
-use crate::fence::handler::{self, HandlerDecision};
+use crate::fence::handler;
 use crate::fence::witness_client::{Reply as WReply, Request as WRequest, WitnessClient};
 use crate::repl::link::Link;
 
@@ -314,44 +314,6 @@ impl Node {
         true
     }
 
-    /// Ask the witness for the next epoch. `peer_in_sync`: the peer is connected and UpToDate,
-    /// so it keeps every write of the new epoch and is not outdated.
-    pub(crate) async fn acquire(&self, peer_in_sync: bool, force: bool) -> Result<u64, Acquire> {
-        let have_epoch = self.meta().superblock().epoch;
-        let lease = self.cfg.failover.lease;
-        let sent = Instant::now();
-        let req = WRequest::Acquire {
-            have_epoch,
-            lease_ms: lease.as_millis() as u64,
-            outdate_peer: (!peer_in_sync).then(|| self.peer_cfg.name.clone()),
-            force,
-        };
-        let reply = self
-            .witness(req)
-            .await
-            .map_err(|e| Acquire::Unreachable(e.to_string()))?;
-        let epoch = acquire_outcome(reply, lease)?;
-        self.renewed(sent);
-        if !peer_in_sync {
-            self.record_peer_outdated();
-        }
-        self.event(
-            "fencing",
-            json!({"decision": "epoch granted", "epoch": epoch, "peer_outdated": !peer_in_sync}),
-        );
-        Ok(epoch)
-    }
-
-    /// The witness (re)granted the lease for a request sent at `sent`.
-    fn renewed(&self, sent: Instant) {
-        let until = lease_until(sent, self.cfg.failover.lease);
-        let lapsed = self.state().lease_renewed(until, Instant::now());
-        if lapsed {
-            // Writes held for a valid lease look again.
-            self.bump();
-        }
-    }
-
     /// `become_primary` for an automatic promotion: a failure is what status shows.
     async fn auto_become_primary(
         self: &Arc<Self>,
@@ -505,65 +467,6 @@ impl Node {
         }
     }
 
-    /// The fencing step of a promotion: the witness's new epoch, or the handler's proof that
-    /// the peer cannot write. Returns the epoch (witness fencing) and why promotion is allowed.
-    pub(crate) async fn fence_for_promotion(
-        &self,
-        force: bool,
-    ) -> Result<(Option<u64>, String, bool), Failure> {
-        let link = self.link();
-        match self.cfg.failover.fencing {
-            Fencing::Witness => {
-                let in_sync = self.peer_connected_in_sync();
-                match self.acquire(in_sync, force).await {
-                    Ok(epoch) => Ok((
-                        Some(epoch),
-                        format!("operator request; the witness granted epoch {epoch}"),
-                        !in_sync,
-                    )),
-                    Err(Acquire::Outdated(why) | Acquire::Wait(why, _)) => {
-                        Err(Failure::refused(format!("the witness refused: {why}")))
-                    }
-                    Err(Acquire::Unreachable(why)) => Err(Failure::refused(format!(
-                        "cannot reach the witness ({why}); promotion needs it (fencing = \"witness\")"
-                    ))),
-                }
-            }
-            Fencing::Handler if link.is_none() => {
-                let up = self.state().disk() == DiskState::UpToDate;
-                match handler::decide(&self.run_handler().await, up) {
-                    HandlerDecision::PeerFenced(why) => {
-                        self.record_peer_outdated();
-                        Ok((None, why, true))
-                    }
-                    HandlerDecision::OutdateMyself(why) => {
-                        self.outdate_myself(&why);
-                        Err(Failure::refused(why))
-                    }
-                    HandlerDecision::Hold(why) if force => Ok((
-                        None,
-                        format!("forced although the peer is not fenced: {why}"),
-                        true,
-                    )),
-                    HandlerDecision::Hold(why) => Err(Failure::refused(format!(
-                        "the peer is not proven outdated: {why} (use --force to override)"
-                    ))),
-                }
-            }
-            Fencing::None if force && link.is_none() => Ok((
-                None,
-                "forced, peer not connected: its data is not known to be outdated".into(),
-                true,
-            )),
-            // Linked (a link lost later is fenced as a primary's), or no fencing at all.
-            _ => Ok((
-                None,
-                "operator request".into(),
-                self.cfg.failover.fencing == Fencing::None,
-            )),
-        }
-    }
-
     /// Give up the lease after an orderly demotion, so the peer may take over at once.
     pub(crate) async fn release_lease(&self) {
         self.state().lease_dropped();
@@ -711,14 +614,29 @@ impl Node {
     }
 }
 
+/// What the node hands the duty's driver.
+pub(crate) enum DutyInput {
+    Event(DutyEvent),
+    /// `tandem primary [--force]`, answered on `reply`.
+    Promote {
+        force: bool,
+        reply: tokio::sync::oneshot::Sender<Result<String, Failure>>,
+    },
+}
+
 impl Node {
-    /// Hand an event to the witness duty's driver, starting it on first use.
+    /// Hand an event to the witness duty's driver.
     pub(crate) fn duty(self: &Arc<Self>, ev: DutyEvent) {
+        self.duty_input(DutyInput::Event(ev));
+    }
+
+    /// Hand something to the duty's driver, starting it on first use.
+    pub(crate) fn duty_input(self: &Arc<Self>, input: DutyInput) {
         if let Some(rx) = self.duty_rx.lock().unwrap().take() {
             tokio::spawn(run_duty(Arc::downgrade(self), rx));
         }
         // The driver ends only when the node is gone.
-        let _ = self.duty_tx.send(ev);
+        let _ = self.duty_tx.send(input);
     }
 
     /// Apply one event to the duty under the state lock, with what else it needs read in
@@ -762,7 +680,7 @@ impl Node {
 /// applies it, and runs the effects in order. Ends when the node is gone.
 async fn run_duty(
     node: std::sync::Weak<Node>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<DutyEvent>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<DutyInput>,
 ) {
     use std::collections::BTreeMap;
     let mut core = {
@@ -782,14 +700,22 @@ async fn run_duty(
     let mut calls: tokio::task::JoinSet<Option<DutyEvent>> = tokio::task::JoinSet::new();
     // Events the driver itself gives back (`Event::LinksNotHeld`), taken before new ones.
     let mut own: Option<DutyEvent> = None;
+    // Operators' requests waiting for their answer, by id.
+    let mut replies = std::collections::HashMap::new();
+    let mut requests = 0u64;
     loop {
         let due = timers.keys().next().map(|k| k.0);
         let ev = if let Some(ev) = own.take() {
             ev
         } else {
             tokio::select! {
-            ev = rx.recv() => match ev {
-                Some(ev) => ev,
+            input = rx.recv() => match input {
+                Some(DutyInput::Event(ev)) => ev,
+                Some(DutyInput::Promote { force, reply }) => {
+                    requests += 1;
+                    replies.insert(requests, reply);
+                    DutyEvent::Promote { id: requests, force }
+                }
                 None => return,
             },
             Some(done) = calls.join_next(), if !calls.is_empty() => match done {
@@ -839,6 +765,9 @@ async fn run_duty(
                     epoch,
                     why,
                     peer_fenced,
+                    forced,
+                    new_data,
+                    reply,
                 } => {
                     if let Some(epoch) = epoch {
                         n.event(
@@ -846,12 +775,39 @@ async fn run_duty(
                             json!({"decision": "epoch granted", "epoch": epoch, "peer_outdated": peer_fenced}),
                         );
                     }
+                    let reply = reply.and_then(|id| replies.remove(&id));
                     let n = n.clone();
                     calls.spawn(async move {
-                        n.auto_become_primary(epoch, &why, peer_fenced).await;
-                        n.release_links();
+                        match reply {
+                            Some(reply) => {
+                                let r = n
+                                    .operator_become_primary(
+                                        epoch,
+                                        &why,
+                                        forced,
+                                        peer_fenced,
+                                        new_data,
+                                    )
+                                    .await;
+                                let _ = reply.send(r);
+                            }
+                            None => {
+                                n.auto_become_primary(epoch, &why, peer_fenced).await;
+                                n.release_links();
+                            }
+                        }
                         Some(DutyEvent::PromotionEnded)
                     });
+                }
+                Effect::Reply { id, text } => {
+                    if let Some(r) = replies.remove(&id) {
+                        let _ = r.send(Ok(text));
+                    }
+                }
+                Effect::Refuse { id, why } => {
+                    if let Some(r) = replies.remove(&id) {
+                        let _ = r.send(Err(Failure::refused(why)));
+                    }
                 }
                 Effect::OutdateMyself(why) => n.outdate_myself(&why),
                 Effect::Note(note) => n.set_note(note),

@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, watch};
 
 pub use super::core::{Conn, Progress, State};
 use super::failover::Fence;
-use super::{DiskState, Role};
+use super::Role;
 use crate::config::{Config, NodeConfig};
 use crate::failure::Failure;
 use crate::meta::gen::hex;
@@ -56,8 +56,9 @@ pub struct Node {
     pub(crate) witness: tokio::sync::Mutex<Option<crate::fence::witness_client::WitnessClient>>,
     /// Events for the driver of the witness duty (`failover::run_duty`); its receiver waits
     /// here until the first event starts the driver.
-    pub(crate) duty_tx: tokio::sync::mpsc::UnboundedSender<super::duty::Event>,
-    pub(crate) duty_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::duty::Event>>>,
+    pub(crate) duty_tx: tokio::sync::mpsc::UnboundedSender<super::failover::DutyInput>,
+    pub(crate) duty_rx:
+        Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::failover::DutyInput>>>,
 }
 
 impl Node {
@@ -353,35 +354,25 @@ impl Node {
 
     /// `primary [--force]`.
     pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String, Failure> {
-        let (role, disk) = {
-            let st = self.state();
-            (st.role(), st.disk())
-        };
-        if role == Role::Primary {
-            return Ok("already primary".into());
-        }
-        if let Some(link) = self.link() {
-            if link.peer.lock().unwrap().role == Role::Primary {
-                return Err(Failure::refused(format!(
-                    "peer {} is primary; demote it first (tandem secondary on {})",
-                    link.peer_node, link.peer_node
-                )));
-            }
-        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.duty_input(super::failover::DutyInput::Promote { force, reply });
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Failure::error("the node is shutting down")))
+    }
+
+    /// The end of `promote` once fencing allowed it: a copy that was not UpToDate (or a
+    /// volume never written) becomes the reference, then the role is taken.
+    pub(super) async fn operator_become_primary(
+        self: &Arc<Self>,
+        epoch: Option<u64>,
+        why: &str,
+        force: bool,
+        peer_fenced: bool,
+        new_data: bool,
+    ) -> Result<String, Failure> {
         let fresh = self.meta().superblock().gens.current == crate::meta::gen::JUST_CREATED;
-        if disk != DiskState::UpToDate && !force {
-            return Err(Failure::refused(format!(
-                "disk is {}; promoting would serve data that may be stale (use --force to override)",
-                disk.as_str()
-            )));
-        }
-        // Fencing first (the witness's epoch, or the handler's proof): nothing changes
-        // locally if it refuses.
-        let (epoch, mut why, peer_fenced) = self.fence_for_promotion(force).await?;
-        let new_data = fresh || disk != DiskState::UpToDate;
-        if disk != DiskState::UpToDate {
-            why = format!("{why} (forced: disk was {})", disk.as_str());
-        }
+        let new_data = new_data || fresh;
         if new_data {
             // This node's data becomes the reference, under a new generation: what its page
             // cache holds (resync blocks not yet flushed) goes to disk first, or a power loss
@@ -394,7 +385,7 @@ impl Node {
             super::records::forced_reference(&mut self.meta(), &mut st, fresh)
                 .map_err(|e| Failure::error(format!("metadata write failed: {e}")))?;
         }
-        self.become_primary(epoch, &why, force, peer_fenced)
+        self.become_primary(epoch, why, force, peer_fenced)
             .await
             .map_err(Failure::error)?;
         if new_data {
