@@ -1574,6 +1574,36 @@ impl Sim {
         ));
         let snap = self.sync_snap.clone();
         self.expect.discarded_since(&snap);
+        // Discarding the victim makes the survivor's copy the reference, as forcing it would:
+        // a survivor forced earlier while rolled back holds less than the last in-sync state
+        // (seed 1117493: the operator forced alpha, rolled back, then kept it over beta).
+        for b in 0..NBLK {
+            let v = self.nodes[1 - victim].disk.read(b);
+            self.expect.forced(b, v);
+        }
+        // Two consistent copies with no generation in common: `--discard-my-data` takes only
+        // an Inconsistent side, so the operator first runs `tandem invalidate` on the side
+        // it discards (what the refusal says).
+        let unrelated = (0..2).any(|i| {
+            let n = &self.nodes[i];
+            n.up && n
+                .st
+                .last_refusal
+                .as_deref()
+                .is_some_and(|r| r.contains("unrelated"))
+        });
+        let n = &self.nodes[victim];
+        if unrelated
+            && n.up
+            && n.st.role() == Role::Secondary
+            && n.st.disk() != DiskState::Inconsistent
+        {
+            self.log(format!("operator: tandem invalidate on {}", NAMES[victim]));
+            let (m, st) = self.nodes[victim].both();
+            if records::invalidated(m, st).is_err() {
+                self.log("operator: invalidate failed; tries again later".into());
+            }
+        }
         if self.nodes[victim].up {
             self.nodes[victim].st.connect(true);
         }

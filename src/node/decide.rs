@@ -680,7 +680,8 @@ pub fn handshake(me: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Verdict {
     if unrelated && !(discards_garbage(me) || discards_garbage(peer)) {
         return refuse(
             "unrelated data: the two sides share no generation (an Inconsistent side can take \
-             a full sync with connect --discard-my-data)"
+             a full sync with connect --discard-my-data; tandem invalidate makes a secondary's \
+             copy Inconsistent)"
                 .to_owned(),
         );
     }

@@ -83,6 +83,17 @@ pub fn proven_current(meta: &mut Meta, st: &mut State) -> Result<bool, MetaError
     Ok(st.proven_current())
 }
 
+/// `invalidate`: this copy's data is discarded, recorded first (not consistent, every block
+/// out of sync, on disk), then Inconsistent; a full resync from the peer follows. On error
+/// the state is unchanged (the bitmap in memory may already say everything).
+pub fn invalidated(meta: &mut Meta, st: &mut State) -> Result<(), MetaError> {
+    meta.update(|sb| sb.flags.consistent = false)?;
+    meta.set_all_out_of_sync();
+    meta.flush_bitmap()?;
+    st.invalidated();
+    Ok(())
+}
+
 /// The resync from a source whose copy is `source` is complete: every block in sync, the
 /// source's generations adopted, the copy as current as the source's, all on disk before
 /// the state says so. On error nothing changes in the state: the next handshake resyncs

@@ -472,14 +472,11 @@ impl Node {
                 "refusing to invalidate the primary's data; demote first",
             ));
         }
-        self.persist(|sb| sb.flags.consistent = false)?;
         {
-            let mut meta = self.meta();
-            meta.set_all_out_of_sync();
-            meta.flush_bitmap()
-                .map_err(|e| Failure::error(e.to_string()))?;
+            let mut st = self.state();
+            super::records::invalidated(&mut self.meta(), &mut st)
+                .map_err(|e| Failure::error(format!("metadata write failed: {e}")))?;
         }
-        self.state().invalidated();
         self.event(
             "disk",
             json!({"disk": "Inconsistent", "reason": "invalidate"}),
