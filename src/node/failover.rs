@@ -747,7 +747,7 @@ async fn run_duty(
                     });
                 }
                 Effect::RunHandler { takeover } => {
-                    let up = takeover || n.state().disk() == DiskState::UpToDate;
+                    let up = n.state().disk() == DiskState::UpToDate;
                     let n = n.clone();
                     calls.spawn(async move {
                         let verdict = handler::decide(&n.run_handler().await, up);
