@@ -1478,4 +1478,185 @@ mod tests {
         assert_eq!(st.fence(), &Fence::Clear);
         assert!(!d.fencing());
     }
+
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Promote {
+            force: bool,
+        },
+        TakeOver,
+        Retry,
+        /// Answer the oldest question: granted, lease held, outdated, or no answer.
+        Answer(u8),
+        /// The promotion's role change ran (the executor's side of `BecomePrimary`).
+        Promoted,
+        /// A handshake made this copy a sync target.
+        BecameTarget,
+        /// A resync ended: UpToDate again.
+        Resynced,
+        Link(bool),
+        PeerPrimary(bool),
+        StepDown,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            any::<bool>().prop_map(|force| Op::Promote { force }),
+            Just(Op::TakeOver),
+            Just(Op::Retry),
+            (0u8..4).prop_map(Op::Answer),
+            Just(Op::Promoted),
+            Just(Op::BecameTarget),
+            Just(Op::Resynced),
+            any::<bool>().prop_map(Op::Link),
+            any::<bool>().prop_map(Op::PeerPrimary),
+            Just(Op::StepDown),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens around it: one promotion at a time; a role is taken only by a
+        /// secondary whose copy is UpToDate (or by force, and then as the new reference);
+        /// every operator's request is answered exactly once; takeovers hold the links.
+        #[test]
+        fn promotions_are_one_at_a_time_and_every_request_is_answered_once(
+            ops in proptest::collection::vec(op(), 1..80)
+        ) {
+            let t = Instant::now();
+            let mut d = duty();
+            let mut st = State::new(DiskState::UpToDate);
+            let mut v = view(t);
+            let mut asks: std::collections::VecDeque<(Ask, Instant)> = Default::default();
+            let mut answered = std::collections::HashMap::<u64, u32>::new();
+            let mut asked = 0u64;
+            // The role change a BecomePrimary asked for, not yet run.
+            let mut becoming: Option<bool> = None;
+            let mut held = false;
+            let mut epoch = 3;
+            for op in ops {
+                let ev = match op {
+                    Op::Promote { force } => {
+                        asked += 1;
+                        Event::Promote { id: asked, force }
+                    }
+                    Op::TakeOver => Event::TakeOver,
+                    Op::Retry => Event::Tick(Tick::TakeOver),
+                    Op::Answer(k) => {
+                        let Some((ask, sent)) = asks.pop_front() else { continue };
+                        let reply = match k {
+                            0 => {
+                                epoch += 1;
+                                Ok(Reply::Granted { epoch })
+                            }
+                            1 => Ok(Reply::Refused(Refusal::LeaseHeld {
+                                holder: "beta".into(),
+                                epoch,
+                                remaining_ms: 300,
+                            })),
+                            2 => Ok(Reply::Refused(Refusal::Outdated { epoch })),
+                            _ => Err("timeout".into()),
+                        };
+                        Event::Answer { ask, sent, reply }
+                    }
+                    Op::Promoted => {
+                        let Some(new_data) = becoming.take() else { continue };
+                        if new_data {
+                            st.forced_up_to_date();
+                        }
+                        if st.role() == Role::Secondary {
+                            st.promoted();
+                        }
+                        held = false;
+                        Event::PromotionEnded
+                    }
+                    Op::BecameTarget => {
+                        if st.role() == Role::Secondary && st.disk() == DiskState::UpToDate {
+                            st.invalidated();
+                        }
+                        continue;
+                    }
+                    Op::Resynced => {
+                        if st.disk() == DiskState::Inconsistent {
+                            st.resync_done_as_target(DiskState::UpToDate);
+                        }
+                        continue;
+                    }
+                    Op::Link(up) => {
+                        v.link = up.then_some(1);
+                        v.peer_primary &= up;
+                        continue;
+                    }
+                    Op::PeerPrimary(p) => {
+                        v.peer_primary = p && v.link.is_some();
+                        continue;
+                    }
+                    Op::StepDown => {
+                        st.stepped_down();
+                        continue;
+                    }
+                };
+                let mut effects: std::collections::VecDeque<Effect> =
+                    d.apply(&mut st, &v, ev).into();
+                while let Some(e) = effects.pop_front() {
+                    match e {
+                        Effect::Ask { ask, sent, .. } => asks.push_back((ask, sent)),
+                        Effect::HoldLinks => {
+                            prop_assert!(!held, "links held twice");
+                            if v.peer_primary {
+                                effects = d.apply(&mut st, &v, Event::LinksNotHeld).into();
+                            } else {
+                                held = true;
+                            }
+                        }
+                        Effect::ReleaseLinks => held = false,
+                        Effect::BecomePrimary { new_data, forced, reply, .. } => {
+                            prop_assert!(becoming.is_none(), "two promotions at once");
+                            prop_assert_eq!(st.role(), Role::Secondary);
+                            prop_assert!(!v.peer_primary, "promoted beside a primary peer");
+                            prop_assert!(
+                                st.disk() == DiskState::UpToDate || (forced && new_data),
+                                "a {:?} copy promoted without becoming the reference",
+                                st.disk()
+                            );
+                            prop_assert_eq!(reply.is_none(), held, "a takeover holds the links");
+                            if let Some(id) = reply {
+                                *answered.entry(id).or_default() += 1;
+                            }
+                            becoming = Some(new_data);
+                        }
+                        Effect::Reply { id, .. } | Effect::Refuse { id, .. } => {
+                            *answered.entry(id).or_default() += 1;
+                        }
+                        Effect::StepDown { .. } => {
+                            st.stepped_down();
+                        }
+                        Effect::OutdateMyself(_) => {
+                            st.outdated();
+                        }
+                        _ => {}
+                    }
+                }
+                prop_assert!(answered.values().all(|&n| n == 1), "{:?}", answered);
+            }
+            // Every question answered (no witness) ends every request.
+            while let Some((ask, sent)) = asks.pop_front() {
+                let reply = Err("timeout".into());
+                for e in d.apply(&mut st, &v, Event::Answer { ask, sent, reply }) {
+                    match e {
+                        Effect::Reply { id, .. } | Effect::Refuse { id, .. } => {
+                            *answered.entry(id).or_default() += 1;
+                        }
+                        Effect::BecomePrimary { reply: Some(id), .. } => {
+                            *answered.entry(id).or_default() += 1;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            prop_assert!(answered.values().all(|&n| n == 1), "{:?}", answered);
+            prop_assert_eq!(answered.len() as u64, asked, "a request was never answered");
+        }
+    }
 }
