@@ -259,6 +259,42 @@ impl Change {
     }
 }
 
+/// The role and the switchover flag as the data path reads them: published by `State` in the
+/// same step that changes them, read without the state lock (one atomic, so the two are read
+/// together). A reader may see the value from just before a change, as a reader that took
+/// the lock just before it would.
+#[derive(Debug, Default)]
+pub struct Published(std::sync::atomic::AtomicU8);
+
+const PUBLISHED_PRIMARY: u8 = 1;
+const PUBLISHED_SWITCHING: u8 = 2;
+
+impl Published {
+    /// The role, and whether a switchover is draining this primary.
+    pub fn role_and_switching(&self) -> (Role, bool) {
+        let v = self.0.load(std::sync::atomic::Ordering::Acquire);
+        let role = if v & PUBLISHED_PRIMARY != 0 {
+            Primary
+        } else {
+            Secondary
+        };
+        (role, v & PUBLISHED_SWITCHING != 0)
+    }
+
+    pub fn role(&self) -> Role {
+        self.role_and_switching().0
+    }
+
+    fn publish(&self, role: Role, switching: bool) {
+        let v = if role == Primary {
+            PUBLISHED_PRIMARY
+        } else {
+            0
+        } | if switching { PUBLISHED_SWITCHING } else { 0 };
+        self.0.store(v, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Why `State::check` rejected a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Illegal(pub String);
@@ -300,7 +336,9 @@ pub struct State {
     /// This node was primary when the peer was last lost (for discard-younger-primary).
     primary_when_peer_lost: bool,
     /// A switchover is draining this primary: new NBD clients are refused.
-    pub switching: bool,
+    switching: bool,
+    /// Role and `switching` for the data path.
+    published: std::sync::Arc<Published>,
 }
 
 impl State {
@@ -326,11 +364,23 @@ impl State {
             fence: Fence::Clear,
             primary_when_peer_lost: false,
             switching: false,
+            published: Default::default(),
         }
     }
 
     pub fn role_and_switching(&self) -> (Role, bool) {
         (self.role, self.switching)
+    }
+
+    /// Where the role and `switching` are published for readers without the lock.
+    pub fn published(&self) -> std::sync::Arc<Published> {
+        self.published.clone()
+    }
+
+    /// A switchover starts (or stops) draining this primary.
+    pub fn set_switching(&mut self, on: bool) {
+        self.switching = on;
+        self.published.publish(self.role, on);
     }
 
     pub fn primary_when_peer_lost(&self) -> bool {
@@ -447,6 +497,7 @@ impl State {
         }
         if let Some(r) = change.role {
             self.role = r;
+            self.published.publish(r, self.switching);
         }
         if let Some(d) = change.disk {
             self.disk = d;
@@ -875,6 +926,24 @@ mod tests {
 
     /// The lease lives with the role: losing the role, whichever way, loses the lease in the
     /// same step, so no reader sees a secondary with a valid lease.
+    #[test]
+    fn the_published_role_follows_every_role_change_and_the_switchover() {
+        let mut st = State::new(UpToDate);
+        let p = st.published();
+        assert_eq!(p.role_and_switching(), (Secondary, false));
+        st.promoted();
+        assert_eq!(p.role_and_switching(), (Primary, false));
+        st.set_switching(true);
+        assert_eq!(p.role_and_switching(), (Primary, true));
+        st.demoted();
+        assert_eq!(p.role_and_switching(), (Secondary, true));
+        st.set_switching(false);
+        st.promoted();
+        st.stepped_down();
+        assert_eq!(p.role(), Secondary);
+        assert_eq!(p.role_and_switching(), st.role_and_switching());
+    }
+
     #[test]
     fn giving_up_the_role_gives_up_the_lease() {
         let now = Instant::now();

@@ -524,9 +524,9 @@ impl Node {
             )));
         }
         let started = Instant::now();
-        self.state().switching = true;
+        self.state().set_switching(true);
         let r = self.hand_over(&link, to).await;
-        self.state().switching = false;
+        self.state().set_switching(false);
         let ms = started.elapsed().as_millis();
         match r {
             Ok(()) => {

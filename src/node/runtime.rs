@@ -44,6 +44,9 @@ pub struct Node {
     pub size: u64,
     pub meta: Mutex<Meta>,
     st: Mutex<State>,
+    /// The role and the switchover flag, published by `State` for the data path, which
+    /// reads them without the state lock.
+    pub published: Arc<super::core::Published>,
     link: Mutex<LinkSlot>,
     pub locks: RangeLocks,
     events: broadcast::Sender<String>,
@@ -75,6 +78,7 @@ impl Node {
         let (events, _) = broadcast::channel(1024);
         let (changed, _) = watch::channel(0);
         let (duty_tx, duty_rx) = tokio::sync::mpsc::unbounded_channel();
+        let st = State::new(disk);
         Arc::new(Node {
             cfg,
             me,
@@ -83,7 +87,8 @@ impl Node {
             store,
             size,
             meta: Mutex::new(meta),
-            st: Mutex::new(State::new(disk)),
+            published: st.published(),
+            st: Mutex::new(st),
             link: Mutex::new(LinkSlot::default()),
             locks: RangeLocks::default(),
             events,
@@ -113,8 +118,9 @@ impl Node {
         self.meta.lock().unwrap()
     }
 
+    /// The role as last published (no lock).
     pub fn role(&self) -> Role {
-        self.state().role()
+        self.published.role()
     }
 
     pub fn link(&self) -> Option<Arc<Link>> {

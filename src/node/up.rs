@@ -111,7 +111,7 @@ pub async fn up(config: &Path, name: &str, testing: Testing) -> Result<(), Failu
     let weak: Weak<Node> = Arc::downgrade(&node);
     let gate: nbd::Gate = Box::new(move || match weak.upgrade() {
         // Role and switchover read in one step.
-        Some(n) if matches!(n.state().role_and_switching(), (Role::Primary, false)) => Ok(()),
+        Some(n) if matches!(n.published.role_and_switching(), (Role::Primary, false)) => Ok(()),
         Some(n) if n.role() == Role::Primary => Err(format!(
             "node {} is handing the primary role for {} over to {} at {}",
             n.me.name, n.cfg.resource.name, n.peer_cfg.name, n.peer_cfg.nbd
