@@ -622,6 +622,8 @@ pub(crate) enum DutyInput {
         force: bool,
         reply: tokio::sync::oneshot::Sender<Result<String, Failure>>,
     },
+    /// The node is stopping: end the driver (its questions in flight are dropped).
+    Stop,
 }
 
 impl Node {
@@ -633,10 +635,23 @@ impl Node {
     /// Hand something to the duty's driver, starting it on first use.
     pub(crate) fn duty_input(self: &Arc<Self>, input: DutyInput) {
         if let Some(rx) = self.duty_rx.lock().unwrap().take() {
-            tokio::spawn(run_duty(Arc::downgrade(self), rx));
+            let task = tokio::spawn(run_duty(Arc::downgrade(self), rx));
+            *self.duty_task.lock().unwrap() = Some(task);
         }
-        // The driver ends only when the node is gone.
+        // After `stop_duty` nobody reads this any more, which is what stopping means.
         let _ = self.duty_tx.send(input);
+    }
+
+    /// End the duty's driver before the runtime goes away (a timer polled while the runtime
+    /// shuts down panics): no more fencing, renewals or promotions from here on.
+    pub(crate) async fn stop_duty(&self) {
+        // Never started: it never will be.
+        drop(self.duty_rx.lock().unwrap().take());
+        let _ = self.duty_tx.send(DutyInput::Stop);
+        let task = self.duty_task.lock().unwrap().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Apply one event to the duty under the state lock, with what else it needs read in
@@ -711,16 +726,18 @@ async fn run_duty(
             tokio::select! {
             input = rx.recv() => match input {
                 Some(DutyInput::Event(ev)) => ev,
+                Some(DutyInput::Stop) | None => return,
                 Some(DutyInput::Promote { force, reply }) => {
                     requests += 1;
                     replies.insert(requests, reply);
                     DutyEvent::Promote { id: requests, force }
                 }
-                None => return,
             },
             Some(done) = calls.join_next(), if !calls.is_empty() => match done {
                 Ok(Some(ev)) => ev,
                 Ok(None) => continue,
+                // The runtime is shutting down.
+                Err(e) if e.is_cancelled() => return,
                 Err(e) => {
                     tracing::error!("a witness duty task failed: {e}");
                     continue;

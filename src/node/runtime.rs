@@ -62,6 +62,8 @@ pub struct Node {
     pub(crate) duty_tx: tokio::sync::mpsc::UnboundedSender<super::failover::DutyInput>,
     pub(crate) duty_rx:
         Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::failover::DutyInput>>>,
+    /// The driver's task, once started (`failover::Node::stop_duty` ends it).
+    pub(crate) duty_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {
@@ -99,6 +101,7 @@ impl Node {
             witness: tokio::sync::Mutex::new(None),
             duty_tx,
             duty_rx: Mutex::new(Some(duty_rx)),
+            duty_task: Mutex::new(None),
         })
     }
 

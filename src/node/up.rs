@@ -181,7 +181,9 @@ pub async fn up(config: &Path, name: &str, testing: Testing) -> Result<(), Failu
         }),
     };
     stopper.abort();
-    // Orderly: tell the peer, then record a clean shutdown so nothing is replayed next time.
+    // No fencing, renewal or promotion from here on; then, orderly: tell the peer, then
+    // record a clean shutdown so nothing is replayed next time.
+    node.stop_duty().await;
     let _ = node.disconnect().await;
     let closed = node.meta().close_clean();
     let _ = std::fs::remove_file(&me.control);
