@@ -1786,13 +1786,8 @@ impl Sim {
                 Effect::Changed => {}
                 Effect::RecordPeerOutdated => self.record_peer_outdated(i),
                 Effect::PeerMarkLifted => {
-                    if self.nodes[i].st.role() == Role::Primary
-                        && self.nodes[i].meta().superblock().flags.peer_outdated
-                    {
-                        let _ = self.nodes[i]
-                            .meta()
-                            .update(|sb| sb.flags.peer_outdated = false);
-                    }
+                    let (m, st) = self.nodes[i].both();
+                    let _ = records::peer_mark_lifted(m, st);
                 }
                 Effect::StepDown { why, stale, lapsed } => {
                     self.record_step_down(i, why, stale);

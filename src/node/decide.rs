@@ -89,6 +89,23 @@ pub struct Side {
 }
 
 impl Side {
+    /// A side with only generations, role and disk known: no crash, rollback, unflushed
+    /// writes, bits or operator flags.
+    pub fn plain(node: &str, gens: Generations, role: Role, disk: DiskState) -> Self {
+        Self {
+            gens,
+            role,
+            disk,
+            crashed_primary: false,
+            rolled_back: false,
+            peer_unflushed: false,
+            primary_epoch: 0,
+            out_of_sync_bytes: 0,
+            discard_my_data: false,
+            node: node.to_owned(),
+        }
+    }
+
     /// `node`'s side as its state message describes it.
     pub fn of(node: &str, s: &PeerState) -> Self {
         Self {
@@ -1123,18 +1140,7 @@ mod tests {
 
     /// A secondary, UpToDate, clean side with no changes.
     fn side(node: &str, gens: Generations) -> Side {
-        Side {
-            gens,
-            role: Role::Secondary,
-            disk: DiskState::UpToDate,
-            crashed_primary: false,
-            rolled_back: false,
-            peer_unflushed: false,
-            primary_epoch: 0,
-            out_of_sync_bytes: 0,
-            discard_my_data: false,
-            node: node.to_owned(),
-        }
+        Side::plain(node, gens, Role::Secondary, DiskState::UpToDate)
     }
 
     impl Side {

@@ -991,6 +991,10 @@ mod tests {
         }
     }
 
+    fn answer(ask: Ask, sent: Instant, reply: Result<Reply, String>) -> Event {
+        Event::Answer { ask, sent, reply }
+    }
+
     fn asks(out: &[Effect]) -> Vec<Ask> {
         out.iter()
             .filter_map(|e| match e {
@@ -1012,11 +1016,7 @@ mod tests {
         let out = d.apply(
             &mut st,
             &v,
-            Event::Answer {
-                ask: Ask::Outdate { epoch: 3 },
-                sent: t,
-                reply: Err("timeout".into()),
-            },
+            answer(Ask::Outdate { epoch: 3 }, t, Err("timeout".into())),
         );
         assert!(matches!(st.fence(), Fence::Pending(_)));
         assert!(out.contains(&Effect::After(RETRY, Tick::Fence)));
@@ -1025,11 +1025,11 @@ mod tests {
         let out = d.apply(
             &mut st,
             &v,
-            Event::Answer {
-                ask: Ask::Outdate { epoch: 3 },
-                sent: t,
-                reply: Ok(Reply::PeerOutdated { epoch: 3 }),
-            },
+            answer(
+                Ask::Outdate { epoch: 3 },
+                t,
+                Ok(Reply::PeerOutdated { epoch: 3 }),
+            ),
         );
         assert!(out.contains(&Effect::RecordPeerOutdated));
         assert!(matches!(st.fence(), Fence::PeerOutdated(_)));
@@ -1045,14 +1045,14 @@ mod tests {
         let out = d.apply(
             &mut st,
             &v,
-            Event::Answer {
-                ask: Ask::Outdate { epoch: 3 },
-                sent: t,
-                reply: Ok(Reply::Refused(Refusal::Superseded {
+            answer(
+                Ask::Outdate { epoch: 3 },
+                t,
+                Ok(Reply::Refused(Refusal::Superseded {
                     epoch: 4,
                     holder: Some("beta".into()),
                 })),
-            },
+            ),
         );
         assert!(out
             .iter()
@@ -1095,16 +1095,16 @@ mod tests {
         let out = d.apply(
             &mut st,
             &later,
-            Event::Answer {
-                ask: Ask::Lapse { epoch: 3 },
-                sent: t,
-                reply: Ok(Reply::State {
+            answer(
+                Ask::Lapse { epoch: 3 },
+                t,
+                Ok(Reply::State {
                     epoch: 3,
                     holder: Some("alpha".into()),
                     outdated: vec![],
                     lease_remaining_ms: Some(0),
                 }),
-            },
+            ),
         );
         assert!(out
             .iter()
@@ -1123,11 +1123,11 @@ mod tests {
         let out = d.apply(
             &mut st,
             &v,
-            Event::Answer {
-                ask: Ask::Renew { epoch: 3 },
-                sent: v.now,
-                reply: Ok(Reply::Renewed { epoch: 3 }),
-            },
+            answer(
+                Ask::Renew { epoch: 3 },
+                v.now,
+                Ok(Reply::Renewed { epoch: 3 }),
+            ),
         );
         assert!(matches!(
             out.last(),
@@ -1151,15 +1151,7 @@ mod tests {
         let out = d.apply(&mut st, &v, Event::PeerInSync { link: 5 });
         let ask = Ask::InSync { epoch: 3, link: 5 };
         assert_eq!(asks(&out), vec![ask.clone()]);
-        let out = d.apply(
-            &mut st,
-            &v,
-            Event::Answer {
-                ask: ask.clone(),
-                sent: t,
-                reply: Err("timeout".into()),
-            },
-        );
+        let out = d.apply(&mut st, &v, answer(ask.clone(), t, Err("timeout".into())));
         assert!(out.contains(&Effect::After(RETRY, Tick::Again(ask.clone()))));
         // A new link came up meanwhile: the retry asks nothing.
         let relinked = View {
@@ -1169,15 +1161,7 @@ mod tests {
         assert!(d
             .apply(&mut st, &relinked, Event::Tick(Tick::Again(ask.clone())))
             .is_empty());
-        let out = d.apply(
-            &mut st,
-            &v,
-            Event::Answer {
-                ask,
-                sent: t,
-                reply: Ok(Reply::Ok),
-            },
-        );
+        let out = d.apply(&mut st, &v, answer(ask, t, Ok(Reply::Ok)));
         assert_eq!(out, vec![Effect::PeerMarkLifted]);
     }
 
@@ -1206,28 +1190,12 @@ mod tests {
             epoch: 3,
             remaining_ms: 700,
         });
-        let out = d.apply(
-            &mut st,
-            &v,
-            Event::Answer {
-                ask: ask.clone(),
-                sent: t,
-                reply: Ok(held),
-            },
-        );
+        let out = d.apply(&mut st, &v, answer(ask.clone(), t, Ok(held)));
         assert_eq!(out[0], Effect::ReleaseLinks);
         assert!(out.contains(&Effect::After(Duration::from_millis(702), Tick::TakeOver)));
         let out = d.apply(&mut st, &v, Event::Tick(Tick::TakeOver));
         assert_eq!(asks(&out), vec![ask.clone()]);
-        let out = d.apply(
-            &mut st,
-            &v,
-            Event::Answer {
-                ask,
-                sent: t,
-                reply: Ok(Reply::Granted { epoch: 4 }),
-            },
-        );
+        let out = d.apply(&mut st, &v, answer(ask, t, Ok(Reply::Granted { epoch: 4 })));
         assert!(out.contains(&Effect::RecordPeerOutdated));
         assert!(out.iter().any(|e| matches!(
             e,
@@ -1259,11 +1227,7 @@ mod tests {
         let out = d.apply(
             &mut st,
             &v,
-            Event::Answer {
-                ask,
-                sent: t,
-                reply: Ok(Reply::Refused(Refusal::Outdated { epoch: 3 })),
-            },
+            answer(ask, t, Ok(Reply::Refused(Refusal::Outdated { epoch: 3 }))),
         );
         assert!(out.iter().any(|e| matches!(e, Effect::OutdateMyself(_))));
         assert!(!out.iter().any(|e| matches!(e, Effect::After(..))));
@@ -1275,17 +1239,13 @@ mod tests {
         let t = Instant::now();
         let mut d = duty();
         let mut st = State::new(DiskState::Outdated);
-        let side = |node: &str| Side {
-            gens: Generations::default(),
-            role: Role::Secondary,
-            disk: DiskState::Outdated,
-            crashed_primary: false,
-            rolled_back: false,
-            peer_unflushed: false,
-            primary_epoch: 0,
-            out_of_sync_bytes: 0,
-            discard_my_data: false,
-            node: node.into(),
+        let side = |node: &str| {
+            Side::plain(
+                node,
+                Generations::default(),
+                Role::Secondary,
+                DiskState::Outdated,
+            )
         };
         let v = View {
             link: Some(1),
@@ -1300,16 +1260,13 @@ mod tests {
             lease_remaining_ms: Some(0),
             outdated: vec![],
         };
-        let answer = |reply| Event::Answer {
-            ask: Ask::Settle,
-            sent: t,
-            reply,
-        };
-        let out = d.apply(&mut st, &v, answer(Ok(state("alpha"))));
+        let out = d.apply(&mut st, &v, answer(Ask::Settle, t, Ok(state("alpha"))));
         assert!(matches!(out[..], [Effect::Reclaim { .. }]), "{out:?}");
-        assert!(d.apply(&mut st, &v, answer(Ok(state("beta")))).is_empty());
+        assert!(d
+            .apply(&mut st, &v, answer(Ask::Settle, t, Ok(state("beta"))))
+            .is_empty());
         // Out of reach: asked again only while the pair is still stuck.
-        let out = d.apply(&mut st, &v, answer(Err("timeout".into())));
+        let out = d.apply(&mut st, &v, answer(Ask::Settle, t, Err("timeout".into())));
         assert_eq!(out, vec![Effect::After(RETRY, Tick::Again(Ask::Settle))]);
         let mut behind = v.clone();
         behind.pair.as_mut().unwrap().1.out_of_sync_bytes = 4096;
@@ -1317,7 +1274,7 @@ mod tests {
             .apply(&mut st, &behind, Event::Tick(Tick::Again(Ask::Settle)))
             .is_empty());
         assert!(d
-            .apply(&mut st, &behind, answer(Ok(state("alpha"))))
+            .apply(&mut st, &behind, answer(Ask::Settle, t, Ok(state("alpha"))))
             .is_empty());
     }
 
@@ -1369,15 +1326,7 @@ mod tests {
             epoch: 3,
             remaining_ms: 700,
         });
-        let out = d.apply(
-            &mut st,
-            &v,
-            Event::Answer {
-                ask: ask.clone(),
-                sent: t,
-                reply: Ok(held),
-            },
-        );
+        let out = d.apply(&mut st, &v, answer(ask.clone(), t, Ok(held)));
         assert!(
             matches!(&out[..], [Effect::Refuse { id: 2, why }] if why.contains("the witness refused")),
             "{out:?}"
@@ -1386,15 +1335,7 @@ mod tests {
         // Granted: the role is taken and the request answered by it.
         let out = d.apply(&mut st, &v, Event::Promote { id: 4, force: true });
         let ask = asks(&out).remove(0);
-        let out = d.apply(
-            &mut st,
-            &v,
-            Event::Answer {
-                ask,
-                sent: t,
-                reply: Ok(Reply::Granted { epoch: 4 }),
-            },
-        );
+        let out = d.apply(&mut st, &v, answer(ask, t, Ok(Reply::Granted { epoch: 4 })));
         assert!(out.iter().any(|e| matches!(
             e,
             Effect::BecomePrimary {
@@ -1417,15 +1358,7 @@ mod tests {
         let ask = asks(&out).remove(0);
         // A handshake ended meanwhile and made this copy a sync target.
         st.invalidated();
-        let out = d.apply(
-            &mut st,
-            &v,
-            Event::Answer {
-                ask,
-                sent: t,
-                reply: Ok(Reply::Granted { epoch: 4 }),
-            },
-        );
+        let out = d.apply(&mut st, &v, answer(ask, t, Ok(Reply::Granted { epoch: 4 })));
         assert!(
             matches!(out.last(), Some(Effect::Refuse { id: 1, why }) if why.contains("Inconsistent")),
             "{out:?}"
@@ -1558,7 +1491,7 @@ mod tests {
                             2 => Ok(Reply::Refused(Refusal::Outdated { epoch })),
                             _ => Err("timeout".into()),
                         };
-                        Event::Answer { ask, sent, reply }
+                        answer(ask, sent, reply)
                     }
                     Op::Promoted => {
                         let Some(new_data) = becoming.take() else { continue };
@@ -1643,7 +1576,7 @@ mod tests {
             // Every question answered (no witness) ends every request.
             while let Some((ask, sent)) = asks.pop_front() {
                 let reply = Err("timeout".into());
-                for e in d.apply(&mut st, &v, Event::Answer { ask, sent, reply }) {
+                for e in d.apply(&mut st, &v, answer(ask, sent, reply)) {
                     match e {
                         Effect::Reply { id, .. } | Effect::Refuse { id, .. } => {
                             *answered.entry(id).or_default() += 1;

@@ -458,8 +458,11 @@ impl Node {
 
     /// The witness lifted the peer's mark (or there is no witness): lift the metadata's.
     fn peer_mark_lifted(&self) {
-        if self.role() == Role::Primary && self.meta().superblock().flags.peer_outdated {
-            let _ = self.meta().update(|sb| sb.flags.peer_outdated = false);
+        let lifted = {
+            let st = self.state();
+            records::peer_mark_lifted(&mut self.meta(), &st)
+        };
+        if matches!(lifted, Ok(true)) {
             self.event(
                 "fencing",
                 json!({"decision": "peer in sync", "peer": self.peer_cfg.name}),

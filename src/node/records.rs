@@ -83,6 +83,16 @@ pub fn proven_current(meta: &mut Meta, st: &mut State) -> Result<bool, MetaError
     Ok(st.proven_current())
 }
 
+/// The witness lifted the peer's outdated mark (or there is none to lift): lift the
+/// metadata's too, if this node is still primary. True if it was lifted.
+pub fn peer_mark_lifted(meta: &mut Meta, st: &State) -> Result<bool, MetaError> {
+    if st.role() != super::Role::Primary || !meta.superblock().flags.peer_outdated {
+        return Ok(false);
+    }
+    meta.update(|sb| sb.flags.peer_outdated = false)?;
+    Ok(true)
+}
+
 /// `invalidate`: this copy's data is discarded, recorded first (not consistent, every block
 /// out of sync, on disk), then Inconsistent; a full resync from the peer follows. On error
 /// the state is unchanged (the bitmap in memory may already say everything).

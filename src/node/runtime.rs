@@ -303,17 +303,8 @@ impl Node {
         if let Value::Object(f) = &mut failover {
             // Connected, and neither side is primary or UpToDate: only an operator can help.
             let stuck = peer_state.as_ref().and_then(|(node, role, disk)| {
-                let side = |name: &str, role, disk| crate::node::decide::Side {
-                    gens: sb.gens,
-                    role,
-                    disk,
-                    crashed_primary: false,
-                    rolled_back: false,
-                    peer_unflushed: false,
-                    primary_epoch: 0,
-                    out_of_sync_bytes: 0,
-                    discard_my_data: false,
-                    node: name.to_owned(),
+                let side = |name: &str, role, disk| {
+                    crate::node::decide::Side::plain(name, sb.gens, role, disk)
                 };
                 crate::node::decide::nobody_promotable(
                     &side(&self.me.name, st.role(), st.disk()),
